@@ -1,0 +1,5 @@
+import sys
+
+from harakapy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""The ``harakapy`` command: argument parsing and exit codes. It decides nothing itself.
+
+Exit codes: 0 done; 1 the server could not run (address in use, I/O); 2 the command line
+or the config directory is wrong (the message names file and line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import shutil
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from harakapy import __version__, logs, shipped
+from harakapy.config import ConfigError
+
+log = logging.getLogger("harakapy.cli")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"harakapy: {message}", file=sys.stderr)
+    return code
+
+
+def _run_loop(main: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harakapy.server import ListenError, Server
+
+    logs.setup(args.log_format, args.log_level)
+    root = Path(args.config_dir) if args.config_dir else None
+
+    async def main() -> None:
+        server = Server.from_directory(root)
+        await server.start()
+        await server.serve()
+
+    try:
+        _run_loop(main())
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    except ListenError as exc:
+        return _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    target = Path(args.directory)
+    if target.exists() and not target.is_dir():
+        return _fail(f"{target} exists and is not a directory", 2)
+    if target.is_dir() and any(target.iterdir()) and not args.force:
+        return _fail(f"{target} is not empty; use --force to write into it anyway", 2)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(shipped.CONFIG_DIR, target / "config", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (target / "plugins").mkdir(exist_ok=True)
+        (target / "queue").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot write {target}: {exc.strerror or exc}", 1)
+    print(f"wrote {target}/config, {target}/plugins and {target}/queue; "
+          f"start with: harakapy run -c {target}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from harakapy.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            return _fail("passwords differ", 2)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        return _fail("empty password", 2)
+    print(f"{args.user} = {hash_password(password)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harakapy", description="A Haraka-style mail server for strict outbound SMTP TLS.")
+    parser.add_argument("--version", action="version", version=f"harakapy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="run the SMTP listeners (and the outbound queue)",
+                              description="Run the server until SIGTERM. SIGHUP re-reads "
+                                          "the config directory.")
+    run.add_argument("-c", "--config-dir", metavar="DIR",
+                     help="config directory (default: the shipped defaults, listening on "
+                          "127.0.0.1:2525)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     default="info")
+    run.set_defaults(func=cmd_run)
+
+    init = commands.add_parser("init", help="write a working config directory",
+                               description="Write DIR/config (the shipped defaults, each "
+                                           "file documented), DIR/plugins and DIR/queue.")
+    init.add_argument("directory", metavar="DIR")
+    init.add_argument("--force", action="store_true", help="write into a non-empty DIR")
+    init.set_defaults(func=cmd_init)
+
+    passwd = commands.add_parser(
+        "passwd", help="hash a password for auth/flat_file",
+        description="Print a 'USER = HASH' line (Argon2id) for [users] in "
+                    "config/auth_flat_file.ini. Reads the password from the terminal, or "
+                    "one line from standard input.")
+    passwd.add_argument("user", metavar="USER")
+    passwd.set_defaults(func=cmd_passwd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Every hook harakapy calls. Each docstring is the reference for that hook.
+
+Decision hooks (marked ``firstresult=True``) ask plugins in ``config/plugins`` order and stop
+at the first answer that is not ``None``. Notification hooks call every plugin and ignore
+what they return. Implementations may be ``def`` or ``async def`` and may take any subset of
+the arguments, by name. A plugin that raises (or outlives ``[main] plugin_timeout``) in a
+decision hook is logged with its traceback and answered as a temporary failure: never as an
+accept.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from harakapy.inbound.address import Address
+    from harakapy.inbound.connection import Connection, Transaction
+    from harakapy.results import Result
+    from harakapy.server import Server
+
+hookspec = pluggy.HookspecMarker("harakapy")
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+@hookspec
+def startup(server: Server) -> None:
+    """Called once, after the config and plugins are loaded and before any listener opens.
+
+    Check your settings here: raise :class:`~harakapy.config.ConfigError` and
+    ``harakapy run`` prints it and exits non-zero before listening.
+
+    :param server: Config (``server.config``), ``server.notes`` and ``server.me``.
+
+    Every plugin is called; an exception stops the server from starting.
+    """
+
+
+@hookspec
+def config_reload(server: Server) -> None:
+    """Called after SIGHUP re-read the config directory, with ``server.config`` already the
+    new config and the plugins freshly imported, before the new config takes over.
+
+    Raise :class:`~harakapy.config.ConfigError` to refuse the new config: the server logs
+    why and keeps running on the old one.
+
+    :param server: The server, showing the new config.
+
+    Every plugin is called; an exception refuses the reload.
+    """
+
+
+@hookspec
+def shutdown(server: Server) -> None:
+    """Called once when the server stops, after the listeners closed and in-flight
+    transactions finished or were cut off.
+
+    Every plugin is called; exceptions are logged.
+    """
+
+
+@hookspec(firstresult=True)
+def inbound_tls(server: Server) -> ssl.SSLContext | None:
+    """Supply the server-side TLS context for inbound STARTTLS and implicit-TLS listeners.
+
+    Asked at startup and after each reload. Return an :class:`ssl.SSLContext` (server side,
+    key and certificate loaded), or ``None`` to let the next plugin decide. When no plugin
+    answers, STARTTLS is not offered and no implicit-TLS listener may be configured. The
+    shipped ``tls`` plugin reads ``config/tls.ini``.
+
+    Stops at the first non-None result.
+    """
+
+
+# -- inbound, one connection --------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def connect(connection: Connection, server: Server) -> Result | None:
+    """A client connected; decide whether it may talk to us.
+
+    ``None`` or :func:`~harakapy.ok` sends the ``220`` greeting. :func:`~harakapy.deny` or
+    :func:`~harakapy.denydisconnect` answers ``554`` and closes; :func:`~harakapy.denysoft`
+    answers ``421`` and closes.
+
+    :param connection: The new connection (``remote_ip``, ``local_port``, ``notes``).
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def helo(connection: Connection, hostname: str, server: Server) -> Result | None:
+    """The client sent ``HELO hostname``.
+
+    ``None`` or ``ok()`` answers ``250``; a refusal answers with its code and the client
+    must try again (``DENYDISCONNECT`` closes).
+
+    :param hostname: The argument as sent, stripped.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def ehlo(connection: Connection, hostname: str, server: Server) -> Result | None:
+    """The client sent ``EHLO hostname``; as :func:`helo`, answered with the extension list.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def auth(connection: Connection, mechanism: str, user: str, password: str,
+         server: Server) -> Result | None:
+    """Check credentials from ``AUTH PLAIN`` or ``AUTH LOGIN``.
+
+    Only ever called over TLS: AUTH is not offered on a plaintext connection. Return
+    :func:`~harakapy.ok` to authenticate ``user`` (then ``connection.auth_user`` is set and
+    the shipped ``relay`` plugin lets the client relay), :func:`~harakapy.deny` for wrong
+    credentials (``535 5.7.8``), ``None`` when the user is not yours. When nobody accepts,
+    the answer is ``535 5.7.8``. Verify hashes in a thread (``asyncio.to_thread``): they are
+    slow on purpose.
+
+    :param mechanism: ``"PLAIN"`` or ``"LOGIN"``.
+    :param user: The authentication identity, decoded as UTF-8.
+    :param password: The password, decoded as UTF-8. Never log it.
+
+    Stops at the first non-None result.
+    """
+
+
+# -- inbound, one transaction -------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def mail(connection: Connection, transaction: Transaction, sender: Address,
+         params: dict[str, str | bool], server: Server) -> Result | None:
+    """The client sent ``MAIL FROM``; a new transaction has begun.
+
+    ``None`` or ``ok()`` answers ``250 2.1.0``.
+
+    :param transaction: The new transaction (``notes`` is empty).
+    :param sender: The reverse path; ``sender.is_null`` for ``MAIL FROM:<>``.
+    :param params: ESMTP parameters, upper-case names (``SIZE``, ``BODY``, ``SMTPUTF8``).
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def rcpt(connection: Connection, transaction: Transaction, recipient: Address,
+         params: dict[str, str | bool], server: Server) -> Result | None:
+    """The client sent ``RCPT TO``: decide whether we take mail for ``recipient``.
+
+    Unlike the other hooks, ``None`` from every plugin is a refusal: ``550 5.7.1`` relaying
+    denied, so that a server is never an open relay by omission. Return :func:`~harakapy.ok`
+    to accept (``250 2.1.5``). Recipients of a relaying client (``connection.relaying``)
+    go to :func:`queue_outbound`, the others to :func:`queue`.
+
+    :param recipient: The forward path, ``recipient.domain`` lower-case.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def data(connection: Connection, transaction: Transaction, server: Server) -> Result | None:
+    """The client sent ``DATA``, before the ``354`` and before any message text.
+
+    A refusal here answers the ``DATA`` command itself.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def data_post(connection: Connection, transaction: Transaction,
+              server: Server) -> Result | None:
+    """The whole message has arrived (``transaction.message`` holds it, our ``Received:``
+    header first); decide before it is queued.
+
+    A refusal answers the end of data; ``None`` or ``ok()`` goes on to queueing.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def queue(connection: Connection, transaction: Transaction, server: Server) -> Result | None:
+    """Deliver a message locally (the client is not relaying): store it, forward it, or
+    refuse it.
+
+    Return :func:`~harakapy.ok` once the message is safe: the client then hears
+    ``250 2.0.0 Ok: queued as <id>``. When no plugin answers, the client hears ``451`` and
+    keeps the message.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def queue_outbound(connection: Connection, transaction: Transaction,
+                   server: Server) -> Result | None:
+    """Queue a message from a relaying client for delivery to other servers.
+
+    As :func:`queue`: ``ok()`` means the message is safe; nobody answering gives ``451``.
+
+    Stops at the first non-None result.
+    """
+
+
+@hookspec
+def disconnect(connection: Connection, server: Server) -> None:
+    """The connection closed, whoever closed it.
+
+    Every plugin is called; exceptions are logged.
+    """

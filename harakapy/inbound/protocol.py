@@ -1,0 +1,615 @@
+"""The aiosmtpd bridge: one client connection, its SMTP dialogue, and the inbound hooks.
+
+aiosmtpd keeps what it does well: the command loop, the 512/1000-octet line limits with
+bounded buffers, STARTTLS on the live transport, and AUTH's challenge exchange. This class
+replaces every command whose answer is a decision (HELO, EHLO, MAIL, RCPT, DATA, AUTH) so
+that plugins decide it, every reply carries an enhanced status code, and the limits in
+``config/smtp.ini`` hold. It does not know what plugins are loaded or how mail is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from base64 import b64decode
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult
+
+from harakapy.inbound.address import AddressError, parse_params, parse_path
+from harakapy.inbound.connection import Connection, TlsInfo, Transaction, new_id
+from harakapy.inbound.received import received_header
+from harakapy.results import Action, Result, add_enhanced, format_reply, reply_for
+from harakapy.tls.context import describe
+
+if TYPE_CHECKING:
+    from harakapy.server import Server
+
+log = logging.getLogger("harakapy.inbound")
+
+MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
+# RFC 1870 (SIZE=), RFC 6152 (BODY=8BITMIME), RFC 6531 (SMTPUTF8) and RFC 8689 (REQUIRETLS)
+# each let MAIL FROM grow by their parameter.
+MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 14 + 10 + 11
+
+
+class _NoHandler:
+    """aiosmtpd wants a handler object; every decision here goes through plugins instead."""
+
+
+class SmtpProtocol(SMTP):
+    """One inbound connection.
+
+    :param server: The running server: settings, plugins, TLS context, connection registry.
+    :param implicit_tls: Whether this listener wraps the socket in TLS before the greeting
+        (port 465 style); STARTTLS is then not offered.
+    """
+
+    def __init__(self, server: Server, *, implicit_tls: bool = False) -> None:
+        settings = server.settings
+        super().__init__(
+            _NoHandler(),
+            data_size_limit=settings.max_message_bytes,
+            enable_SMTPUTF8=settings.smtputf8,
+            decode_data=False,
+            hostname=server.me,
+            ident="ESMTP harakapy",
+            tls_context=None if implicit_tls else server.tls_context,
+            timeout=settings.timeout,
+            # We decide ourselves, so that implicit-TLS listeners count as encrypted.
+            auth_require_tls=False,
+            loop=asyncio.get_running_loop(),
+        )
+        # aiosmtpd keeps these limits in a class attribute that every EHLO grows; ours are
+        # per connection and fixed.
+        self.command_size_limits = collections.defaultdict(
+            lambda: MAX_COMMAND_LINE, {"MAIL": MAX_MAIL_LINE})
+        self.server = server
+        self.implicit_tls = implicit_tls
+        self.connection: Connection | None = None
+        self._busy = False
+        self._auth_failures = 0
+        self._smtp_methods = {name: self._guarded(method)
+                              for name, method in self._smtp_methods.items()}
+
+    # -- plumbing around aiosmtpd ------------------------------------------------------
+
+    def _guarded(self, method: Callable[[Any], Awaitable[None]]
+                 ) -> Callable[[Any], Awaitable[None]]:
+        async def run(arg: Any) -> None:
+            if arg is not None and "\x00" in arg:
+                await self.push("501 5.5.2 NUL character not allowed")
+                return
+            self._busy = True
+            try:
+                await method(arg)
+            finally:
+                self._busy = False
+            if self.server.draining and self._idle():
+                await self._close_with("421 4.3.2 Service shutting down, closing connection")
+        return run
+
+    def _idle(self) -> bool:
+        return not self._busy and (self.connection is None
+                                   or self.connection.transaction is None)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = add_enhanced(status)
+        await super().push(status)
+
+    async def _push_raw(self, status: str) -> None:
+        await super().push(status)
+
+    async def _close_with(self, reply: str) -> None:
+        if self.transport is None:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._push_raw(reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    def begin_drain(self) -> None:
+        """SIGTERM: close at once if idle; otherwise after the transaction in flight."""
+        if self._idle() and self.transport is not None:
+            self.transport.write(b"421 4.3.2 Service shutting down, closing connection\r\n")
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: tell the client why before closing (aiosmtpd just closes).
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("%s timeout after %.0fs idle", self._cid, self._timeout_duration)
+            self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n"
+                                 .encode())
+        super()._timeout_cb()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("%s internal error", self._cid, exc_info=error)
+        return "451 4.3.0 Internal error, please try again later"
+
+    @property
+    def _cid(self) -> str:
+        return self.connection.id if self.connection is not None else "-"
+
+    async def _handle_client(self) -> None:
+        server = self.server
+        transport = self.transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        self.connection = connection = Connection(
+            new_id(), _plain_ip(peer[0]), peer[1], _plain_ip(sock[0]), sock[1])
+        if self.implicit_tls:
+            self._record_tls()
+        server.connections.add(self)
+        try:
+            log.info("%s connect from [%s]:%d to port %d%s", connection.id,
+                     connection.remote_ip, connection.remote_port, connection.local_port,
+                     " (TLS)" if connection.tls else "")
+            if len(server.connections) > server.settings.max_connections:
+                log.warning("%s refused: %d connections open (max_connections)",
+                            connection.id, len(server.connections) - 1)
+                await self._close_with("421 4.3.2 Too many connections, try again later")
+                return
+            if server.draining:
+                await self._close_with("421 4.3.2 Service shutting down")
+                return
+            result = await server.plugins.call_first("connect", connection=connection,
+                                                     server=server)
+            if isinstance(result, Result) and not result.is_ok:
+                reply = reply_for(result, default_message="Connection refused",
+                                  default_enhanced="5.7.1")
+                if result.action is Action.DENYSOFT:
+                    reply = format_reply(421, result.message or "Try again later",
+                                         result.enhanced or "4.3.0")
+                log.info("%s connect refused: %s", connection.id, reply)
+                await self._close_with(reply)
+                return
+            await super()._handle_client()
+        finally:
+            server.connections.discard(self)
+            server.spawn(self._disconnected(connection))
+
+    async def _disconnected(self, connection: Connection) -> None:
+        log.info("%s disconnect after %.3fs, %d transaction(s)", connection.id,
+                 time.time() - connection.started, connection.transaction_count)
+        await self.server.plugins.call_all("disconnect", connection=connection,
+                                           server=self.server)
+
+    def _record_tls(self) -> None:
+        assert self.connection is not None and self.transport is not None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.connection.tls = TlsInfo(*describe(ssl_object))
+
+    async def _decide(self, hook: str, *, default_message: str, default_enhanced: str,
+                      ok_reply: str | None, **kwargs: object) -> Result | None:
+        """Ask ``hook``; push its refusal (closing on DENYDISCONNECT) and return it, or
+        push ``ok_reply`` (when given) and return ``None``."""
+        result = await self.server.plugins.call_first(
+            hook, connection=self.connection, server=self.server, **kwargs)
+        if isinstance(result, Result) and not result.is_ok:
+            reply = reply_for(result, default_message=default_message,
+                              default_enhanced=default_enhanced)
+            log.info("%s %s refused: %s", self._cid, hook, reply.replace("\r\n", " / "))
+            if result.disconnects:
+                await self._close_with(reply)
+            else:
+                await self._push_raw(reply)
+            return result
+        if ok_reply is not None:
+            if isinstance(result, Result) and result.message:
+                ok_reply = reply_for(result, default_message="")
+            await self._push_raw(ok_reply)
+        return None
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        await self._greet(hostname, esmtp=False)
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        await self._greet(hostname, esmtp=True)
+
+    async def _greet(self, hostname: str | None, *, esmtp: bool) -> None:
+        verb = "EHLO" if esmtp else "HELO"
+        if not hostname:
+            await self.push(f"501 5.5.4 Syntax: {verb} hostname")
+            return
+        connection = self.connection
+        assert connection is not None
+        hostname = hostname.strip()
+        result = await self.server.plugins.call_first(
+            verb.lower(), connection=connection, hostname=hostname, server=self.server)
+        if isinstance(result, Result) and not result.is_ok:
+            reply = reply_for(result, default_message=f"{verb} refused",
+                              default_enhanced="5.7.1")
+            log.info("%s %s refused: %s", connection.id, verb, reply)
+            if result.disconnects:
+                await self._close_with(reply)
+            else:
+                await self._push_raw(reply)
+            return
+        # RFC 5321 4.1.4: HELO/EHLO resets any transaction in progress.
+        connection.transaction = None
+        self._set_rset_state()
+        connection.helo, connection.esmtp = hostname, esmtp
+        self.session.host_name = hostname
+        self.session.extended_smtp = esmtp
+        if not esmtp:
+            await self._push_raw(f"250 {self.hostname}")
+            return
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME"]
+        if self.enable_SMTPUTF8:
+            lines.append("SMTPUTF8")
+        lines.append("ENHANCEDSTATUSCODES")
+        if self.tls_context is not None and connection.tls is None:
+            lines.append("STARTTLS")
+        if connection.tls is not None and self.server.plugins.has("auth"):
+            lines.append("AUTH PLAIN LOGIN")
+        await self._push_raw("\r\n".join(
+            f"250{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)))
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        assert self.connection is not None
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls_context is None or self.connection.tls is not None:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await self._push_raw("220 2.0.0 Ready to start TLS")
+        await self._start_tls()
+
+    async def _start_tls(self) -> None:
+        # aiosmtpd's STARTTLS, minus its own 220: it sets up TLS on the live transport,
+        # and its connection_made() discards any plaintext pipelined after the command
+        # (RFC 3207 4.2, the STARTTLS command-injection attack).
+        from asyncio import sslproto
+
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter,
+                                                  server_side=True,
+                                                  ssl_handshake_timeout=self._timeout_duration)
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("%s TLS handshake failed: %s", self._cid, exc)
+            if self._original_transport is not None:
+                self._original_transport.close()
+            return
+        connection = self.connection
+        assert connection is not None
+        # RFC 3207 4.2: forget everything learnt before TLS.
+        connection.helo, connection.esmtp, connection.transaction = None, False, None
+        self._record_tls()
+        log.info("%s STARTTLS %s %s", connection.id, connection.tls.version if connection.tls
+                 else "?", connection.tls.cipher if connection.tls else "")
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        connection = self.connection
+        assert connection is not None
+        if not self.server.plugins.has("auth"):
+            await self.push("502 5.5.1 AUTH not available")
+            return
+        if connection.tls is None:
+            await self.push("538 5.7.11 Encryption required for requested "
+                            "authentication mechanism")
+            return
+        if connection.transaction is not None:
+            await self.push("503 5.5.1 AUTH not allowed during a mail transaction")
+            return
+        await super().smtp_AUTH(arg)
+        if self.session.authenticated:
+            return
+        if self.transport is not None and arg and arg.split()[0].upper() in ("PLAIN", "LOGIN"):
+            self._auth_failures += 1
+            if self._auth_failures >= self.server.settings.max_auth_failures:
+                log.warning("%s closing after %d failed AUTH attempts", connection.id,
+                            self._auth_failures)
+                await self._close_with("421 4.7.0 Too many failed authentication attempts")
+
+    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Cannot split PLAIN credentials")
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            user = await self.challenge_auth("Username:")
+        else:
+            try:
+                user = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        if not isinstance(user, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth("Password:")
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials("LOGIN", user, password)
+
+    async def _check_credentials(self, mechanism: str, user_bytes: bytes,
+                                 password_bytes: bytes) -> AuthResult:
+        connection = self.connection
+        assert connection is not None
+        try:
+            user, password = user_bytes.decode(), password_bytes.decode()
+        except UnicodeDecodeError:
+            return AuthResult(success=False, message="501 5.5.2 Credentials are not UTF-8")
+        result = await self.server.plugins.call_first(
+            "auth", connection=connection, mechanism=mechanism, user=user, password=password,
+            server=self.server)
+        if isinstance(result, Result) and result.is_ok:
+            connection.auth_user = user
+            connection.relaying = True  # as Haraka: an authenticated client may relay
+            log.info("%s AUTH %s user=%s ok", connection.id, mechanism, user)
+            return AuthResult(success=True, auth_data=user,
+                              message="235 2.7.0 Authentication successful")
+        if isinstance(result, Result) and result.action is Action.DENYSOFT:
+            log.info("%s AUTH %s user=%s temporary failure", connection.id, mechanism, user)
+            return AuthResult(success=False, message=reply_for(
+                result, default_message="Temporary authentication failure",
+                default_enhanced="4.7.0"))
+        log.info("%s AUTH %s user=%s failed", connection.id, mechanism, user)
+        return AuthResult(success=False,
+                          message="535 5.7.8 Authentication credentials invalid")
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        connection = self.connection
+        assert connection is not None
+        if connection.helo is None:
+            await self.push("503 5.5.1 Send HELO/EHLO first")
+            return
+        if connection.transaction is not None:
+            await self.push("503 5.5.1 Nested MAIL command")
+            return
+        text = _after_keyword(arg, "FROM:")
+        if text is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        try:
+            params = parse_params(text.partition(">")[2]) if connection.esmtp else {}
+            sender, rest = parse_path(text, allow_null=True,
+                                      smtputf8=bool(params.get("SMTPUTF8")))
+            if rest and not connection.esmtp:
+                raise AddressError("parameters need EHLO")
+        except AddressError as exc:
+            await self.push(f"501 5.5.4 {exc}")
+            return
+        problem = self._check_mail_params(params)
+        if problem is not None:
+            await self.push(problem)
+            return
+        transaction = connection.start_transaction(sender, params)
+        refused = await self._decide("mail", transaction=transaction, sender=sender,
+                                     params=params, default_message="Sender refused",
+                                     default_enhanced="5.7.1", ok_reply="250 2.1.0 Ok")
+        if refused is not None:
+            connection.transaction = None
+
+    def _check_mail_params(self, params: dict[str, str | bool]) -> str | None:
+        for name, value in params.items():
+            if name == "SIZE":
+                if not isinstance(value, str) or not value.isdigit():
+                    return "501 5.5.4 SIZE needs a number"
+                if int(value) > self.data_size_limit:
+                    return ("552 5.3.4 Message size exceeds fixed maximum message size "
+                            f"({self.data_size_limit} bytes)")
+            elif name == "BODY":
+                if not isinstance(value, str) or value.upper() not in ("7BIT", "8BITMIME"):
+                    return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
+            elif name == "SMTPUTF8":
+                if value is not True:
+                    return "501 5.5.4 SMTPUTF8 takes no value"
+                if not self.enable_SMTPUTF8:
+                    return "555 5.5.4 SMTPUTF8 not supported"
+            else:
+                return f"555 5.5.4 MAIL parameter {name} not supported"
+        return None
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        connection = self.connection
+        assert connection is not None
+        transaction = connection.transaction
+        if transaction is None:
+            await self.push("503 5.5.1 Need MAIL command")
+            return
+        text = _after_keyword(arg, "TO:")
+        if text is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        try:
+            recipient, rest = parse_path(text, allow_null=False, smtputf8=transaction.smtputf8)
+            params = parse_params(rest) if connection.esmtp else {}
+            if rest and not connection.esmtp:
+                raise AddressError("parameters need EHLO")
+        except AddressError as exc:
+            await self.push(f"501 5.5.4 {exc}")
+            return
+        if params:
+            await self.push(f"555 5.5.4 RCPT parameter {next(iter(params))} not supported")
+            return
+        if len(transaction.recipients) >= self.server.settings.max_recipients:
+            await self.push("452 4.5.3 Too many recipients")
+            return
+        result = await self.server.plugins.call_first(
+            "rcpt", connection=connection, transaction=transaction, recipient=recipient,
+            params=params, server=self.server)
+        if isinstance(result, Result) and result.is_ok:
+            transaction.recipients.append(recipient)
+            await self._push_raw(reply_for(result, default_message="Ok",
+                                           default_enhanced="2.1.5"))
+            return
+        if result is None:
+            # No plugin took this recipient: never an open relay by omission.
+            result = Result(action=Action.DENY, message="Relaying denied",
+                            enhanced="5.7.1")
+        reply = reply_for(result, default_message="Recipient refused", default_enhanced="5.7.1")
+        log.info("%s rcpt %s refused: %s", connection.id, recipient, reply)
+        if result.disconnects:
+            await self._close_with(reply)
+        else:
+            await self._push_raw(reply)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        assert self.connection is not None
+        self.connection.transaction = None
+        self._set_rset_state()
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        connection = self.connection
+        assert connection is not None
+        transaction = connection.transaction
+        if transaction is None:
+            await self.push("503 5.5.1 Need MAIL command")
+            return
+        if not transaction.recipients:
+            # RFC 2920 3.1: with pipelining, DATA after only refused recipients is 554.
+            await self.push("554 5.5.1 No valid recipients")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if await self._decide("data", transaction=transaction, default_message="Data refused",
+                              default_enhanced="5.7.1", ok_reply=None) is not None:
+            connection.transaction = None
+            return
+        await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            async with asyncio.timeout(self.server.settings.data_timeout):
+                content, problem = await self._read_data()
+        except TimeoutError:
+            log.info("%s DATA not finished within data_timeout", connection.id)
+            await self._close_with("421 4.4.2 Timeout while receiving data, closing")
+            return
+        if problem is not None:
+            connection.transaction = None
+            await self.push(problem)
+            return
+        transaction.message = received_header(connection, transaction, self.hostname) + content
+        await self._finish(transaction)
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """Read message text up to ``.``; return it unstuffed, or a reply saying why not.
+
+        Memory stays bounded: after a line over 1000 octets or more than
+        ``max_message_bytes``, the rest is read and thrown away, and the reply waits for
+        the final dot (RFC 5321 4.2.5).
+        """
+        reader = self._reader
+        limit = self.data_size_limit
+        chunks: list[bytes] = []
+        size = 0
+        problem = None
+        fragment = False  # inside a line longer than the reader's limit
+        while True:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+                problem = problem or "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
+                chunks.clear()
+                fragment = True
+                continue
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError("client closed the connection in DATA") from None
+            self._reset_timeout()
+            if fragment:
+                fragment = False
+                continue
+            if line == b".\r\n":
+                break
+            if problem is not None:
+                continue
+            if line[:1] == b".":
+                line = line[1:]
+            if b"\n" in line[:-2]:
+                # Bare LF is no line end in SMTP, but some servers after us treat it as one:
+                # normalise it (Postfix's smtpd_forbid_bare_newline = normalize), which
+                # also takes away SMTP smuggling's "<LF>.<LF>" trick.
+                line = line[:-2].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+            size += len(line)
+            if size > limit:
+                problem = (f"552 5.3.4 Message size exceeds fixed maximum message size "
+                           f"({limit} bytes)")
+                chunks.clear()
+                continue
+            chunks.append(line)
+        return b"".join(chunks), problem
+
+    async def _finish(self, transaction: Transaction) -> None:
+        connection = self.connection
+        assert connection is not None
+        try:
+            if await self._decide("data_post", transaction=transaction,
+                                  default_message="Message refused", default_enhanced="5.7.1",
+                                  ok_reply=None) is not None:
+                return
+            hook = "queue_outbound" if connection.relaying else "queue"
+            result = await self.server.plugins.call_first(
+                hook, connection=connection, transaction=transaction, server=self.server)
+            if isinstance(result, Result) and result.is_ok:
+                reply = format_reply(250, result.message or f"Ok: queued as {transaction.id}",
+                                     result.enhanced or "2.0.0")
+                log.info("%s queued id=%s from=%s to=%s size=%d via=%s", connection.id,
+                         transaction.id, transaction.sender, ",".join(
+                             str(r) for r in transaction.recipients),
+                         len(transaction.message or b""), hook)
+                await self._push_raw(reply)
+                return
+            if result is None:
+                what = ("Outbound delivery is not available" if hook == "queue_outbound"
+                        else "No queue plugin accepted the message")
+                result = Result(action=Action.DENYSOFT, message=f"{what}; try again later",
+                                enhanced="4.3.2")
+            reply = reply_for(result, default_message="Message not queued",
+                              default_enhanced="5.3.0")
+            log.info("%s %s refused id=%s: %s", connection.id, hook, transaction.id, reply)
+            if result.disconnects:
+                await self._close_with(reply)
+            else:
+                await self._push_raw(reply)
+        finally:
+            connection.transaction = None
+            self._set_post_data_state()
+
+
+def _after_keyword(arg: str | None, keyword: str) -> str | None:
+    if arg is None or arg[:len(keyword)].upper() != keyword:
+        return None
+    return arg[len(keyword):].strip()
+
+
+def _plain_ip(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip

@@ -1,0 +1,43 @@
+"""The ``Received:`` header we prepend, written the way Postfix writes it.
+
+RFC 5321 4.4 trace fields with RFC 3848 protocol names (ESMTPS: TLS, ESMTPA: AUTH), and
+Postfix's ``(using TLSv1.3 with cipher ...)`` comment, which tools already parse.
+"""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+from harakapy.inbound.connection import Connection, Transaction
+
+
+def protocol_name(connection: Connection) -> str:
+    if not connection.esmtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if connection.tls else "") + ("A" if connection.auth_user else "")
+
+
+def received_header(connection: Connection, transaction: Transaction, me: str,
+                    *, now: float | None = None) -> bytes:
+    """The header, folded, ending in CRLF.
+
+    :param now: Seconds since the epoch (the current time when ``None``).
+    """
+    helo = _clean(connection.helo or "unknown")
+    lines = [f"Received: from {helo} (unknown [{connection.remote_ip}])"]
+    if connection.tls is not None:
+        tls = connection.tls
+        lines.append(f"\t(using {tls.version} with cipher {tls.cipher} "
+                     f"({tls.bits}/{tls.bits} bits))")
+        lines.append("\t(No client certificate requested)")
+    if connection.auth_user:
+        lines.append("\t(Authenticated sender: " + _clean(connection.auth_user) + ")")
+    lines.append(f"\tby {me} (harakapy) with {protocol_name(connection)} id {transaction.id}")
+    rcpt = f"for {transaction.recipients[0]}; " if len(transaction.recipients) == 1 else ""
+    lines.append(f"\t{rcpt}{formatdate(now, localtime=False, usegmt=True)}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def _clean(text: str) -> str:
+    # The client chose this text: keep it on one line and out of our comment syntax.
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]

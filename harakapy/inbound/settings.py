@@ -1,0 +1,86 @@
+"""The inbound server's settings, read once per config from ``config/smtp.ini``.
+
+Building them checks every value, so a bad one stops ``harakapy run`` (or a SIGHUP reload)
+with ``file:line: [main] key: why`` before anything listens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from harakapy.config import Config, ConfigError, IniFile
+
+_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+    implicit_tls: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen(ini: IniFile, key: str, *, implicit_tls: bool) -> list[ListenAddress]:
+    """``host:port`` items, IPv6 hosts in brackets: ``127.0.0.1:2525,[::1]:2525``."""
+    addresses = []
+    for item in ini.get_list("main", key):
+        match = _ADDRESS.match(item)
+        if match is None:
+            raise ini.error("main", key, f"{item!r} is not host:port ([v6]:port for IPv6)")
+        port = int(match.group("port"))
+        if not 0 <= port <= 65535:
+            raise ini.error("main", key, f"port {port} out of range")
+        host = match.group("v6") or match.group("host") or "0.0.0.0"
+        addresses.append(ListenAddress(host, port, implicit_tls))
+    return addresses
+
+
+@dataclass(frozen=True, slots=True)
+class InboundSettings:
+    """``config/smtp.ini [main]``; the shipped file documents each key."""
+
+    listen: tuple[ListenAddress, ...]
+    max_connections: int
+    timeout: float
+    data_timeout: float
+    max_message_bytes: int
+    max_recipients: int
+    max_auth_failures: int
+    smtputf8: bool
+    plugin_timeout: float
+    shutdown_grace: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> InboundSettings:
+        ini = config.ini("smtp.ini")
+        ini.check_known(config.shipped_ini("smtp.ini"))
+        listen = (parse_listen(ini, "listen", implicit_tls=False)
+                  + parse_listen(ini, "listen_tls", implicit_tls=True))
+        if not listen:
+            raise ini.error("main", "listen", "no address to listen on")
+        return cls(
+            listen=tuple(listen),
+            max_connections=ini.get_int("main", "max_connections", 1000, minimum=1),
+            timeout=ini.get_float("main", "timeout", 300.0, minimum=0.01),
+            data_timeout=ini.get_float("main", "data_timeout", 600.0, minimum=0.01),
+            max_message_bytes=ini.get_int("main", "max_message_bytes", 26214400, minimum=1024),
+            max_recipients=ini.get_int("main", "max_recipients", 1000, minimum=1),
+            max_auth_failures=ini.get_int("main", "max_auth_failures", 3, minimum=1),
+            smtputf8=ini.get_bool("main", "smtputf8", True),
+            plugin_timeout=ini.get_float("main", "plugin_timeout", 30.0, minimum=0.01),
+            shutdown_grace=ini.get_float("main", "shutdown_grace", 30.0, minimum=0.0),
+        )
+
+
+def check_me(config: Config) -> str | None:
+    """``config/me``: this host's name, or ``None`` to use the system's FQDN."""
+    me = config.value("me")
+    if me is not None and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?$", me):
+        entry = config.list("me").entries[0]
+        raise ConfigError(entry.path, entry.line, None, f"{me!r} is not a host name")
+    return me

@@ -1,0 +1,232 @@
+"""Finding, loading and calling plugins.
+
+pluggy keeps what it does well: the ``hookimpl`` marker, checking each implementation's
+arguments against its hookspec, and ``check_pending()`` for misspelt hook names. This module
+owns the rest: where a plugin name is looked up, the order plugins run in (``config/plugins``
+order, always), and an async dispatcher, because pluggy calls implementations synchronously
+and would treat an unawaited coroutine as an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from harakapy import hookspecs, shipped
+from harakapy.config import Config, ConfigError, Entry
+from harakapy.results import Result, denysoft
+
+log = logging.getLogger("harakapy.plugins")
+
+hookimpl = pluggy.HookimplMarker("harakapy")
+ENTRY_POINT_GROUP = "harakapy.plugins"
+
+_NAME = re.compile(r"^[A-Za-z_][\w.\-]*(/[A-Za-z_][\w.\-]*)*$")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPlugin:
+    """A plugin as loaded: its ``config/plugins`` name and where it came from."""
+
+    name: str
+    origin: str
+    module: object
+
+
+def _decision_hooks() -> frozenset[str]:
+    names = set()
+    for name, function in vars(hookspecs).items():
+        opts = getattr(function, "harakapy_spec", None)
+        if opts is not None and opts.get("firstresult"):
+            names.add(name)
+    return frozenset(names)
+
+
+DECISION_HOOKS = _decision_hooks()
+
+
+def _import_file(name: str, path: Path, generation: int) -> ModuleType:
+    safe = re.sub(r"\W", "_", name)
+    module_name = f"harakapy_plugin_{generation}_{safe}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+class PluginManager:
+    """The plugins named in ``config/plugins``, loaded in order, with the dispatcher.
+
+    :param config: The loaded config; ``config/plugins`` gives names and order.
+    :param timeout: Seconds one ``async`` hook implementation may take (``[main]
+        plugin_timeout`` in ``smtp.ini``); a sync implementation cannot be stopped.
+    """
+
+    _generation = 0
+
+    def __init__(self, config: Config, *, timeout: float = 30.0) -> None:
+        self.config = config
+        self.timeout = timeout
+        self.pm = pluggy.PluginManager("harakapy")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[LoadedPlugin] = []
+        self.position: dict[str, int] = {}
+        self._impls: dict[str, list[Any]] = {}
+
+    @classmethod
+    def load(cls, config: Config, *, timeout: float = 30.0) -> PluginManager:
+        """Load every plugin in ``config/plugins``.
+
+        :raises ConfigError: for an unknown name (listing every place searched), a plugin
+            that fails to import, or a hook implementation that does not fit its hookspec.
+        """
+        manager = cls(config, timeout=timeout)
+        PluginManager._generation += 1
+        for entry in config.list("plugins"):
+            manager._load_one(entry, PluginManager._generation)
+        manager._check()
+        return manager
+
+    def _search_paths(self, name: str) -> list[Path]:
+        relative = Path(*name.split("/")).with_name(name.split("/")[-1] + ".py")
+        places = []
+        if (own := self.config.plugins_dir()) is not None:
+            places.append(own / relative)
+        places.append(shipped.PLUGINS_DIR / relative)
+        return places
+
+    def _load_one(self, entry: Entry, generation: int) -> None:
+        name = entry.value.split()[0]
+        if not _NAME.match(name):
+            raise entry.error(name, "not a plugin name (letters, digits, '_', '.', '-', '/')")
+        if name in self.position:
+            raise entry.error(name, "listed twice")
+        searched = []
+        for path in self._search_paths(name):
+            searched.append(str(path))
+            if path.is_file():
+                module = self._import(entry, name, lambda p=path: _import_file(name, p,
+                                                                                generation))
+                self._register(entry, LoadedPlugin(name, str(path), module))
+                return
+        for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if point.name == name:
+                module = self._import(entry, name, point.load)
+                self._register(entry, LoadedPlugin(name, f"entry point {point.value}", module))
+                return
+        searched.append(f"entry points in group {ENTRY_POINT_GROUP!r}")
+        raise entry.error(name, "unknown plugin; searched: " + ", ".join(searched))
+
+    def _import(self, entry: Entry, name: str, load: Any) -> object:
+        try:
+            return load()
+        except Exception as exc:
+            log.error('Error importing plugin "%s"', name, exc_info=True)
+            raise entry.error(name, f'error importing plugin "{name}": '
+                                    f"{type(exc).__name__}: {exc}") from exc
+
+    def _register(self, entry: Entry, plugin: LoadedPlugin) -> None:
+        try:
+            self.pm.register(plugin.module, name=plugin.name)
+        except pluggy.PluginValidationError as exc:
+            raise entry.error(plugin.name, str(exc)) from exc
+        for impl in self.pm.get_hookcallers(plugin.module) or []:
+            for hook_impl in impl.get_hookimpls():
+                if hook_impl.plugin_name == plugin.name and (hook_impl.hookwrapper
+                                                             or hook_impl.wrapper):
+                    raise entry.error(plugin.name, f"hook {impl.name}: wrappers are not "
+                                                   "supported; use a plain @hookimpl")
+        self.position[plugin.name] = len(self.plugins)
+        self.plugins.append(plugin)
+
+    def _check(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            plugin_name = self.pm.get_name(exc.plugin) if exc.plugin else None
+            path = self.config.operator_path("plugins") or self.config.shipped_path("plugins")
+            raise ConfigError(path or "config/plugins", 0, plugin_name,
+                              f"{exc} (known hooks: {', '.join(sorted(self.hook_names()))})"
+                              ) from exc
+
+    @staticmethod
+    def hook_names() -> list[str]:
+        return [name for name, fn in vars(hookspecs).items()
+                if getattr(fn, "harakapy_spec", None) is not None]
+
+    def implementations(self, hook: str) -> list[Any]:
+        """The hook's implementations in ``config/plugins`` order."""
+        impls = self._impls.get(hook)
+        if impls is None:
+            # pluggy calls last-registered first; config/plugins is our only source of
+            # order, so sort by it rather than rely on either.
+            impls = sorted(getattr(self.pm.hook, hook).get_hookimpls(),
+                           key=lambda impl: self.position[impl.plugin_name])
+            self._impls[hook] = impls
+        return impls
+
+    def has(self, hook: str) -> bool:
+        return bool(self.implementations(hook))
+
+    async def _run(self, impl: Any, kwargs: dict[str, object]) -> object:
+        answer = impl.function(*(kwargs[arg] for arg in impl.argnames))
+        if inspect.isawaitable(answer):
+            async with asyncio.timeout(self.timeout):
+                answer = await answer
+        return answer
+
+    async def call_first(self, hook: str, **kwargs: object) -> Any:
+        """Ask plugins in order; the first non-``None`` answer wins.
+
+        A plugin that raises or times out is logged with its name and traceback, and the
+        answer is a temporary failure (:func:`~harakapy.denysoft`), never an accept.
+        """
+        for impl in self.implementations(hook):
+            try:
+                answer = await self._run(impl, kwargs)
+            except Exception:  # not BaseException: cancellation must pass through
+                log.exception("plugin %s failed in hook %s", impl.plugin_name, hook)
+                return self.failure_result(hook, impl.plugin_name)
+            if answer is not None:
+                log.debug("hook %s decided by %s: %r", hook, impl.plugin_name, answer)
+                return answer
+        return None
+
+    async def call_all(self, hook: str, *, raise_errors: bool = False,
+                       **kwargs: object) -> None:
+        """Call every plugin in order, ignoring answers.
+
+        :param raise_errors: Re-raise a plugin's exception (for ``startup`` and
+            ``config_reload``, where a plugin refuses a config by raising); otherwise
+            exceptions are logged and the next plugin runs.
+        """
+        for impl in self.implementations(hook):
+            try:
+                await self._run(impl, kwargs)
+            except Exception:
+                if raise_errors:
+                    raise
+                log.exception("plugin %s failed in hook %s", impl.plugin_name, hook)
+
+    @staticmethod
+    def failure_result(hook: str, plugin_name: str) -> Result:
+        # The client learns nothing of our plugins; the log has the name and traceback.
+        return denysoft("temporary local problem, please try again later", enhanced="4.3.0")

@@ -1,0 +1,234 @@
+"""The running server: one config, its plugins, the listeners, and the process lifecycle.
+
+Owns start (check config, ``startup`` hook, listen), SIGHUP (load a new config and plugin
+set, let plugins refuse it, then swap), and SIGTERM (stop accepting, let transactions in
+flight finish within ``shutdown_grace``, exit). It owns every background task it starts.
+It does not speak SMTP (``inbound/protocol.py``) or read files (``config.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harakapy.config import Config, ConfigError
+from harakapy.inbound.protocol import SmtpProtocol
+from harakapy.inbound.settings import InboundSettings, ListenAddress, check_me
+from harakapy.plugins import PluginManager
+
+log = logging.getLogger("harakapy.server")
+
+
+class ListenError(Exception):
+    """A listener could not be opened (address in use, not available, no permission)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """Everything a reload replaces at once."""
+
+    config: Config
+    settings: InboundSettings
+    plugins: PluginManager
+    me: str
+    tls_context: ssl.SSLContext | None = None
+
+
+def _build_state(config: Config) -> _State:
+    settings = InboundSettings.from_config(config)
+    config.ini("tls.ini").check_known(config.shipped_ini("tls.ini"))
+    me = check_me(config) or socket.getfqdn()
+    plugins = PluginManager.load(config, timeout=settings.plugin_timeout)
+    return _State(config, settings, plugins, me)
+
+
+class Server:
+    """What plugins get as ``server``: ``config``, ``settings``, ``me``, ``notes``.
+
+    :param config: A loaded config (see :meth:`Config.load`).
+    :raises ConfigError: when the config or a plugin is wrong.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._state = _build_state(config)
+        self.notes: dict[str, Any] = {}
+        self.connections: set[SmtpProtocol] = set()
+        self.draining = False
+        self.listeners: list[tuple[ListenAddress, asyncio.Server]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._reloading: asyncio.Lock | None = None
+
+    @classmethod
+    def from_directory(cls, root: Path | None) -> Server:
+        return cls(Config.load(root))
+
+    # -- what plugins see -------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._state.config
+
+    @property
+    def settings(self) -> InboundSettings:
+        return self._state.settings
+
+    @property
+    def plugins(self) -> PluginManager:
+        return self._state.plugins
+
+    @property
+    def me(self) -> str:
+        """This host's name for the greeting, EHLO and ``Received:`` (``config/me``)."""
+        return self._state.me
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The inbound TLS context from the ``inbound_tls`` hook, if a plugin gave one."""
+        return self._state.tls_context
+
+    def _staged(self, state: _State) -> Server:
+        # A view of this server with another state, for hooks that judge a new config
+        # before it takes over. It shares notes, connections and tasks.
+        view = copy.copy(self)
+        view._state = state
+        return view
+
+    async def _prepare(self, state: _State, hook: str) -> _State:
+        view = self._staged(state)
+        await state.plugins.call_all(hook, raise_errors=True, server=view)
+        context = await state.plugins.call_first("inbound_tls", server=view)
+        if context is not None and not isinstance(context, ssl.SSLContext):
+            raise ConfigError(state.config.shipped_path("plugins") or "config/plugins", 0,
+                              "inbound_tls", "a plugin failed to build the TLS context "
+                              "(see the log above)")
+        if context is None and any(a.implicit_tls for a in state.settings.listen):
+            ini = state.config.ini("smtp.ini")
+            raise ini.error("main", "listen_tls", "implicit-TLS listeners need the 'tls' "
+                                                  "plugin (or another inbound_tls plugin)")
+        return _State(state.config, state.settings, state.plugins, state.me, context)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run ``startup``, then open every listener.
+
+        :raises ConfigError: a plugin refused the config.
+        :raises ListenError: an address could not be bound.
+        """
+        self._reloading = asyncio.Lock()
+        self._state = await self._prepare(self._state, "startup")
+        loop = asyncio.get_running_loop()
+        for address in self.settings.listen:
+            context = self.tls_context if address.implicit_tls else None
+
+            def factory(implicit: bool = address.implicit_tls) -> SmtpProtocol:
+                return SmtpProtocol(self, implicit_tls=implicit)
+
+            try:
+                listener = await loop.create_server(
+                    factory, address.host, address.port, ssl=context, reuse_address=True,
+                    backlog=1024, ssl_handshake_timeout=self.settings.timeout if context else None)
+            except OSError as exc:
+                await self._close_listeners()
+                raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+            bound = listener.sockets[0].getsockname()
+            actual = ListenAddress(address.host, bound[1], address.implicit_tls)
+            self.listeners.append((actual, listener))
+            log.info("listening on %s%s", actual, " (implicit TLS)" if address.implicit_tls
+                     else "")
+        log.info("harakapy ready as %s with plugins: %s", self.me,
+                 ", ".join(p.name for p in self.plugins.plugins) or "none")
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coroutine`` as a task this server owns: kept alive, awaited on stop, and
+        its exception logged."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error("background task failed", exc_info=finished.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    async def reload(self) -> bool:
+        """Re-read the config directory and plugins; keep the old ones if anything is wrong.
+
+        :returns: whether the new config took over.
+        """
+        assert self._reloading is not None
+        async with self._reloading:
+            try:
+                config = Config.load(self.config.root)
+                state = await self._prepare(_build_state(config), "config_reload")
+            except ConfigError as exc:
+                log.error("config reload refused, still running the old config: %s", exc)
+                return False
+            except Exception:
+                log.exception("config reload failed, still running the old config")
+                return False
+            old_listen = self.settings.listen
+            self._state = state
+            if state.settings.listen != old_listen:
+                log.warning("listen addresses changed; they take effect after a restart")
+            log.info("config reloaded; plugins: %s",
+                     ", ".join(p.name for p in self.plugins.plugins) or "none")
+            return True
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def serve(self, *, install_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then drain and stop."""
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
+        try:
+            await self._stopped.wait()
+        finally:
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def _close_listeners(self) -> None:
+        for _address, listener in self.listeners:
+            listener.close()
+        self.listeners.clear()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let transactions in flight finish within ``grace`` seconds
+        (``[main] shutdown_grace``), cut off the rest, and run ``shutdown``."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self.draining = True
+        for _address, listener in self.listeners:
+            listener.close()
+        self.listeners.clear()
+        for protocol in list(self.connections):
+            protocol.begin_drain()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.connections:
+            log.warning("cutting off %d connection(s) still busy after %.0fs",
+                        len(self.connections), grace)
+            for protocol in list(self.connections):
+                protocol.abort()
+            await asyncio.sleep(0)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
+        await self.plugins.call_all("shutdown", server=self)
+        log.info("stopped")

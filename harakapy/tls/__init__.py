@@ -1,0 +1,1 @@
+"""TLS: contexts for our listeners, and (with the policy issue) outbound verification."""
