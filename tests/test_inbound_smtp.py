@@ -1,0 +1,189 @@
+"""The inbound dialogue end to end: a real client against the real server on loopback."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+
+import aiosmtplib
+import pytest
+
+from tests.harness import (
+    CAPTURE_PLUGIN,
+    RawClient,
+    insecure_client_context,
+    running_server,
+    sendmail,
+)
+
+LOCAL = {"host_list": "example.test\n", "relay_acl_allow": "192.0.2.0/24\n",
+         "plugins": "tls\nrcpt_to.in_host_list\nrelay\ncapture\n"}
+
+
+@pytest.fixture
+def local_dir(config_dir):
+    return config_dir(dict(LOCAL), {"capture": CAPTURE_PLUGIN})
+
+
+async def test_ehlo_advertises_extensions_and_greeting_names_host(config_dir):
+    root = config_dir({"me": "mx.example.test\n", "plugins": "tls\n"})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        code, text = await client.reply()
+        assert code == 220 and text.startswith("mx.example.test ESMTP")
+        code, text = await client.command("EHLO client.test")
+        assert code == 250
+        lines = text.splitlines()
+        assert lines[0] == "mx.example.test"
+        for extension in ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+                          "STARTTLS", "SIZE 26214400"):
+            assert extension in lines
+        assert not any(line.startswith("AUTH") for line in lines)  # never before TLS
+        await client.close()
+
+
+async def test_local_delivery_over_starttls_records_tls_in_received(local_dir):
+    async with running_server(local_dir) as hp:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=hp.port, start_tls=False,
+                               tls_context=insecure_client_context())
+        await smtp.connect()
+        await smtp.starttls()
+        errors, reply = await smtp.sendmail("a@client.test", ["b@example.test"],
+                                            b"Subject: hi\r\n\r\nhello\r\n")
+        await smtp.quit()
+        assert errors == {}
+        assert reply.startswith("2.0.0 Ok: queued as ")
+        (hook, transaction), = hp.captured
+        assert hook == "queue"
+        header = transaction.message.split(b"\r\n\r\n")[0].decode()
+        assert header.startswith("Received: from ")
+        assert "(using TLSv1." in header and " with cipher " in header
+        assert "with ESMTPS id " + transaction.id in header
+        assert "for <b@example.test>;" in header
+        assert transaction.message.endswith(b"Subject: hi\r\n\r\nhello\r\n")
+
+
+async def test_plaintext_delivery_says_esmtp_without_tls(local_dir):
+    async with running_server(local_dir) as hp:
+        await sendmail(hp.port, "a@client.test", ["b@example.test"],
+                       b"Subject: x\r\n\r\nbody\r\n")
+        (_, transaction), = hp.captured
+        assert b"with ESMTP id" in transaction.message
+        assert b"using TLS" not in transaction.message
+
+
+async def test_unauthorised_client_cannot_relay(config_dir):
+    # 127.0.0.1 is not in this relay ACL: the server must not relay for it.
+    root = config_dir({"relay_acl_allow": "192.0.2.0/24\n", "host_list": "example.test\n",
+                       "plugins": "rcpt_to.in_host_list\nrelay\ncapture\n"},
+                      {"capture": CAPTURE_PLUGIN})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO client.test")
+        assert (await client.command("MAIL FROM:<a@client.test>"))[0] == 250
+        code, text = await client.command("RCPT TO:<victim@outside.test>")
+        assert code == 550 and text.startswith("5.7.1") and "elaying denied" in text
+        code, _ = await client.command("RCPT TO:<b@example.test>")
+        assert code == 250
+        await client.close()
+
+
+async def test_no_rcpt_plugin_at_all_is_still_no_open_relay(config_dir):
+    root = config_dir({"plugins": "capture\n"}, {"capture": CAPTURE_PLUGIN})
+    async with running_server(root) as hp:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            await sendmail(hp.port, "a@client.test", ["b@outside.test"], b"x\r\n")
+        assert refused.value.recipients["b@outside.test"][0] == 550
+        assert hp.captured == []
+
+
+async def test_relay_from_acl_network_goes_to_queue_outbound(config_dir):
+    root = config_dir({"plugins": "relay\ncapture\n"}, {"capture": CAPTURE_PLUGIN})
+    async with running_server(root) as hp:
+        await sendmail(hp.port, "a@client.test", ["b@outside.test"], b"x\r\n")
+        (hook, transaction), = hp.captured
+        assert hook == "queue_outbound"
+        assert [r.address for r in transaction.recipients] == ["b@outside.test"]
+
+
+async def test_relayed_mail_without_outbound_queue_is_a_temporary_failure(config_dir):
+    root = config_dir({"plugins": "relay\n"})
+    async with running_server(root) as hp:
+        with pytest.raises(smtplib.SMTPDataError) as failed:
+            await sendmail(hp.port, "a@client.test", ["b@outside.test"], b"x\r\n")
+        assert failed.value.smtp_code == 451
+
+
+async def test_too_many_recipients_gets_452(config_dir):
+    root = config_dir({"smtp.ini": "listen = 127.0.0.1:0\nmax_recipients = 2\n",
+                       "plugins": "relay\n"})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        await client.command("MAIL FROM:<a@c.test>")
+        assert (await client.command("RCPT TO:<1@x.test>"))[0] == 250
+        assert (await client.command("RCPT TO:<2@x.test>"))[0] == 250
+        code, text = await client.command("RCPT TO:<3@x.test>")
+        assert (code, text[:5]) == (452, "4.5.3")
+        await client.close()
+
+
+async def test_message_over_size_gets_552_and_nothing_is_queued(config_dir):
+    root = config_dir({"smtp.ini": "listen = 127.0.0.1:0\nmax_message_bytes = 2048\n",
+                       "plugins": "relay\ncapture\n"}, {"capture": CAPTURE_PLUGIN})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        code, text = await client.command("MAIL FROM:<a@c.test> SIZE=4096")
+        assert (code, text[:5]) == (552, "5.3.4")
+        await client.command("MAIL FROM:<a@c.test>")
+        await client.command("RCPT TO:<b@x.test>")
+        assert (await client.command("DATA"))[0] == 354
+        code, text = await client.command(b"x" * 900 + b"\r\n" + b"y" * 900 + b"\r\n"
+                                          + b"z" * 900 + b"\r\n.")
+        assert (code, text[:5]) == (552, "5.3.4")
+        # The connection is still good for the next message.
+        assert (await client.command("MAIL FROM:<a@c.test>"))[0] == 250
+        await client.close()
+        assert hp.captured == []
+
+
+async def test_smtputf8_address_accepted_when_declared(local_dir):
+    async with running_server(local_dir) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        code, _ = await client.command("MAIL FROM:<jörg@c.test>")
+        assert code == 501
+        code, _ = await client.command("MAIL FROM:<jörg@c.test> SMTPUTF8")
+        assert code == 250
+        assert (await client.command("RCPT TO:<b@example.test>"))[0] == 250
+        await client.close()
+
+
+async def test_every_reply_after_ehlo_carries_an_enhanced_code(local_dir):
+    async with running_server(local_dir) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        for line in ("NOOP", "FOO bar", "MAIL FROM:bad", "RCPT TO:<x@y.test>",
+                     "MAIL FROM:<a@c.test>", "RCPT TO:<b@example.test>", "RSET", "VRFY x",
+                     "DATA", "HELP"):
+            code, text = await client.command(line)
+            assert text.split()[0].count(".") == 2, f"{line!r} -> {code} {text!r}"
+        await client.close()
+
+
+async def test_smtplib_client_with_verified_starttls(config_dir, server_cert, tls_ca):
+    key, cert = server_cert
+    root = config_dir({**LOCAL, "tls.ini": f"[main]\nkey = {key}\ncert = {cert}\n"},
+                      {"capture": CAPTURE_PLUGIN})
+    async with running_server(root) as hp:
+        context = ssl.create_default_context()
+        tls_ca.configure_trust(context)
+        await sendmail(hp.port, "a@client.test", ["b@example.test"],
+                       b"Subject: v\r\n\r\nok\r\n", host="localhost", starttls=context)
+        assert len(hp.captured) == 1
