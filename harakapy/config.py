@@ -231,6 +231,7 @@ class Config:
         self.shipped_dir = shipped_dir or shipped.CONFIG_DIR
         self._cache: dict[tuple[str, str], object] = {}
         self._derived: dict[str, object] = {}
+        self._snapshot: set[str] | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -242,12 +243,17 @@ class Config:
         if root is not None and not root.is_dir():
             raise ConfigError(root, 0, None, "config directory does not exist")
         config = cls(root)
+        # Read every file now: a loaded config is a snapshot, so that a file edited (or
+        # broken) before SIGHUP cannot leak into the config that is still running.
+        config._snapshot = set()
         if config.config_dir is not None and config.config_dir.is_dir():
             for path in sorted(config.config_dir.iterdir()):
-                if path.suffix == ".ini":
-                    config.ini(path.name)
-                elif path.is_file():
-                    config._read(path)  # unreadable or non-UTF-8 files fail now, not later
+                if path.is_file():
+                    config._snapshot.add(path.name)
+                    if path.suffix == ".ini":
+                        config.ini(path.name)
+                    else:
+                        config.list(path.name)
         return config
 
     # -- where files are ---------------------------------------------------------------
@@ -255,6 +261,8 @@ class Config:
     def operator_path(self, name: str) -> Path | None:
         """``DIR/config/name`` if the operator wrote that file."""
         if self.config_dir is None:
+            return None
+        if self._snapshot is not None and name not in self._snapshot:
             return None
         path = self.config_dir / name
         return path if path.is_file() else None

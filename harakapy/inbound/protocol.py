@@ -164,11 +164,10 @@ class SmtpProtocol(SMTP):
             result = await server.plugins.call_first("connect", connection=connection,
                                                      server=server)
             if isinstance(result, Result) and not result.is_ok:
-                reply = reply_for(result, default_message="Connection refused",
-                                  default_enhanced="5.7.1")
-                if result.action is Action.DENYSOFT:
-                    reply = format_reply(421, result.message or "Try again later",
-                                         result.enhanced or "4.3.0")
+                # RFC 5321 3.1: a refused connection hears 554 (or 421) instead of 220.
+                code = result.code or (421 if result.action is Action.DENYSOFT else 554)
+                reply = format_reply(code, result.message or "Connection refused",
+                                     result.enhanced or "5.7.1")
                 log.info("%s connect refused: %s", connection.id, reply)
                 await self._close_with(reply)
                 return
@@ -362,7 +361,8 @@ class SmtpProtocol(SMTP):
         try:
             user, password = user_bytes.decode(), password_bytes.decode()
         except UnicodeDecodeError:
-            return AuthResult(success=False, message="501 5.5.2 Credentials are not UTF-8")
+            return AuthResult(success=False, handled=False,
+                              message="501 5.5.2 Credentials are not UTF-8")
         result = await self.server.plugins.call_first(
             "auth", connection=connection, mechanism=mechanism, user=user, password=password,
             server=self.server)
@@ -374,11 +374,11 @@ class SmtpProtocol(SMTP):
                               message="235 2.7.0 Authentication successful")
         if isinstance(result, Result) and result.action is Action.DENYSOFT:
             log.info("%s AUTH %s user=%s temporary failure", connection.id, mechanism, user)
-            return AuthResult(success=False, message=reply_for(
+            return AuthResult(success=False, handled=False, message=reply_for(
                 result, default_message="Temporary authentication failure",
                 default_enhanced="4.7.0"))
         log.info("%s AUTH %s user=%s failed", connection.id, mechanism, user)
-        return AuthResult(success=False,
+        return AuthResult(success=False, handled=False,
                           message="535 5.7.8 Authentication credentials invalid")
 
     async def smtp_MAIL(self, arg: str | None) -> None:

@@ -1,0 +1,191 @@
+"""The ``harakapy`` command as an operator uses it: in a subprocess, with real clients."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harakapy import __version__
+from tests.processes import MAILDROP_PLUGIN, ServerProcess, free_port, harakapy, write
+
+
+@dataclass
+class MtaDir:
+    root: Path
+    port: int
+
+
+@pytest.fixture
+def mta_dir(tmp_path):
+    """``harakapy init`` output, made to listen on a free port and keep mail as files."""
+    root = tmp_path / "mta"
+    assert harakapy("init", str(root)).returncode == 0
+    port = free_port()
+    write(root, "config/smtp.ini", f"[main]\nlisten = 127.0.0.1:{port}\nshutdown_grace = 5\n")
+    write(root, "config/host_list", "example.test\n")
+    write(root, "config/relay_acl_allow", "192.0.2.0/24\n")
+    write(root, "config/plugins", "tls\nrcpt_to.in_host_list\nrelay\nmaildrop\n")
+    write(root, "plugins/maildrop.py", MAILDROP_PLUGIN)
+    return MtaDir(root, port)
+
+
+@pytest.fixture
+def running(mta_dir):
+    server = ServerProcess("-c", str(mta_dir.root))
+    server.wait_for("harakapy ready")
+    yield server
+    server.stop()
+
+
+def test_version_and_help():
+    assert harakapy("--version").stdout.strip() == f"harakapy {__version__}"
+    for command in ("run", "init", "passwd"):
+        result = harakapy(command, "--help")
+        assert result.returncode == 0 and "usage: harakapy" in result.stdout
+
+
+def test_init_writes_a_working_directory_and_refuses_a_non_empty_one(tmp_path):
+    target = tmp_path / "new"
+    assert harakapy("init", str(target)).returncode == 0
+    assert (target / "config" / "smtp.ini").is_file()
+    assert (target / "plugins").is_dir() and (target / "queue").is_dir()
+    again = harakapy("init", str(target))
+    assert again.returncode == 2 and "not empty" in again.stderr and "--force" in again.stderr
+    assert harakapy("init", "--force", str(target)).returncode == 0
+
+
+def test_send_with_and_without_starttls_and_received_shows_tls(running, mta_dir):
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30) as smtp:
+        smtp.sendmail("a@client.test", ["b@example.test"], b"Subject: plain\r\n\r\nx\r\n")
+    with smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30) as smtp:
+        smtp.starttls(context=context)
+        smtp.sendmail("a@client.test", ["b@example.test"], b"Subject: tls\r\n\r\nx\r\n")
+    drops = {path.read_bytes().split(b"Subject: ")[1][:5]: path.read_bytes()
+             for path in (mta_dir.root / "maildrop").iterdir()}
+    assert b"with ESMTP id" in drops[b"plain"] and b"using TLS" not in drops[b"plain"]
+    assert b"with ESMTPS id" in drops[b"tls\r\n"] and b"(using TLSv1." in drops[b"tls\r\n"]
+
+
+def test_relay_attempt_from_outside_the_acl_gets_550(running, mta_dir):
+    with smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30) as smtp:
+        smtp.ehlo("c")
+        smtp.mail("a@client.test")
+        code, text = smtp.rcpt("victim@elsewhere.test")
+    assert code == 550 and text.startswith(b"5.7.1")
+
+
+def test_broken_config_exits_2_before_listening_naming_file_and_line(mta_dir):
+    write(mta_dir.root, "config/smtp.ini", f"[main]\nlisten = 127.0.0.1:{mta_dir.port}\n"
+                                      "max_connections = lots\n")
+    result = harakapy("run", "-c", str(mta_dir.root))
+    assert result.returncode == 2
+    assert (f"harakapy: config error: {mta_dir.root}/config/smtp.ini:3: [main] max_connections: "
+            "expected a whole number, got 'lots'") in result.stderr
+    assert "Traceback" not in result.stderr and "listening" not in result.stderr
+
+
+def test_unknown_plugin_exits_2_listing_places_searched(mta_dir):
+    write(mta_dir.root, "config/plugins", "tls\nno_such_plugin\n")
+    result = harakapy("run", "-c", str(mta_dir.root))
+    assert result.returncode == 2
+    assert f"{mta_dir.root}/config/plugins:2: no_such_plugin: unknown plugin; searched: " \
+           f"{mta_dir.root}/plugins/no_such_plugin.py" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_address_in_use_exits_1(running, mta_dir):
+    result = harakapy("run", "-c", str(mta_dir.root))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{mta_dir.port}" in result.stderr
+
+
+def test_sigterm_lets_the_transaction_in_flight_finish_then_exits_0(running, mta_dir):
+    smtp = smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30)
+    smtp.ehlo("c")
+    smtp.mail("a@client.test")
+    smtp.rcpt("b@example.test")
+    idle = smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30)
+    idle.ehlo("idle")
+    running.signal(signal.SIGTERM)
+    running.wait_for("listening", timeout=1)  # (already logged; keeps the log in failures)
+    time.sleep(0.3)
+    # The idle client is told and let go; the busy one may finish its message.
+    assert idle.noop()[0] in (421, -1) or idle.sock is None
+    code, text = smtp.data(b"Subject: drained\r\n\r\nbody\r\n")
+    smtp.close()
+    idle.close()
+    assert code == 250, text
+    assert running.wait(timeout=10) == 0
+    assert len(list((mta_dir.root / "maildrop").iterdir())) == 1
+    with pytest.raises(OSError):
+        smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=5)
+
+
+def test_sighup_reloads_without_dropping_connections(running, mta_dir):
+    smtp = smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30)
+    smtp.ehlo("c")
+    smtp.mail("a@client.test")
+    assert smtp.rcpt("b@new.test")[0] == 550
+    write(mta_dir.root, "config/host_list", "example.test\nnew.test\n")
+    mark = len(running.lines)
+    running.signal(signal.SIGHUP)
+    running.wait_for("config reloaded", start=mark)
+    assert smtp.rcpt("b@new.test")[0] == 250  # same connection, new config
+    smtp.quit()
+
+
+def test_sighup_with_broken_config_keeps_the_old_one(running, mta_dir):
+    write(mta_dir.root, "config/host_list", "other.test\n")
+    write(mta_dir.root, "config/relay_acl_allow", "not-a-network\n")
+    mark = len(running.lines)
+    running.signal(signal.SIGHUP)
+    line = running.wait_for("config reload refused", start=mark)
+    assert f"{mta_dir.root}/config/relay_acl_allow:1: not-a-network: not an IP network" in line
+    with smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30) as smtp:
+        smtp.ehlo("c")
+        smtp.mail("a@client.test")
+        assert smtp.rcpt("b@example.test")[0] == 250  # the old host_list still rules
+        assert smtp.rcpt("b@other.test")[0] == 550
+
+
+def test_json_log_format(mta_dir):
+    server = ServerProcess("-c", str(mta_dir.root), "--log-format", "json")
+    try:
+        server.wait_for("harakapy ready")
+        with smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30) as smtp:
+            smtp.noop()
+    finally:
+        assert server.stop() == 0
+    events = [json.loads(line) for line in server.lines]
+    assert {"ts", "level", "logger", "msg"} <= set(events[0])
+    assert any("connect from [127.0.0.1]" in event["msg"] for event in events)
+
+
+def test_run_on_shipped_defaults_without_a_config_dir(tmp_path):
+    env = {"HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    server = ServerProcess(env=env)
+    try:
+        server.wait_for("harakapy ready")
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=30) as smtp:
+            code, text = smtp.ehlo("c")
+        assert code == 250 and b"STARTTLS" in text
+    finally:
+        assert server.stop() == 0
+
+
+def test_passwd_prints_an_argon2id_line():
+    result = harakapy("passwd", "alice", input="correct horse\n")
+    assert result.returncode == 0
+    user, _, stored = result.stdout.strip().partition(" = ")
+    assert user == "alice" and stored.startswith("$argon2id$")
+    from harakapy.passwords import verify_password
+    assert verify_password(stored, "correct horse")
