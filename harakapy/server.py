@@ -128,15 +128,14 @@ class Server:
         self._state = await self._prepare(self._state, "startup")
         loop = asyncio.get_running_loop()
         for address in self.settings.listen:
-            context = self.tls_context if address.implicit_tls else None
-
+            # No ssl= here even for implicit TLS: the protocol does the handshake with the
+            # context current at connect time, so SIGHUP can renew a certificate.
             def factory(implicit: bool = address.implicit_tls) -> SmtpProtocol:
                 return SmtpProtocol(self, implicit_tls=implicit)
 
             try:
                 listener = await loop.create_server(
-                    factory, address.host, address.port, ssl=context, reuse_address=True,
-                    backlog=1024, ssl_handshake_timeout=self.settings.timeout if context else None)
+                    factory, address.host, address.port, reuse_address=True, backlog=1024)
             except OSError as exc:
                 await self._close_listeners()
                 raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc

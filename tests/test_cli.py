@@ -189,3 +189,48 @@ def test_passwd_prints_an_argon2id_line():
     assert user == "alice" and stored.startswith("$argon2id$")
     from harakapy.passwords import verify_password
     assert verify_password(stored, "correct horse")
+
+
+def test_sighup_renews_the_certificate_for_starttls_and_implicit_tls(mta_dir, tls_ca):
+    import socket
+
+    tls_port = free_port()
+    config = mta_dir.root / "config"
+
+    def issue(serial_name: str) -> None:
+        cert = tls_ca.issue_cert("localhost", organization_unit_name=serial_name)
+        cert.private_key_pem.write_to_path(str(config / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(config / "cert.pem"))
+
+    def implicit_cert() -> bytes:
+        context = ssl.create_default_context()
+        tls_ca.configure_trust(context)
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.recv(1024)  # the greeting arrives over TLS
+            return tls.getpeercert(binary_form=True)
+
+    def starttls_cert() -> bytes:
+        context = ssl.create_default_context()
+        tls_ca.configure_trust(context)
+        with smtplib.SMTP("localhost", mta_dir.port, timeout=10) as smtp:
+            smtp.starttls(context=context)
+            return smtp.sock.getpeercert(binary_form=True)
+
+    issue("first")
+    write(mta_dir.root, "config/smtp.ini", f"[main]\nlisten = 127.0.0.1:{mta_dir.port}\n"
+                                           f"listen_tls = 127.0.0.1:{tls_port}\n")
+    write(mta_dir.root, "config/tls.ini", "[main]\nkey = key.pem\ncert = cert.pem\n")
+    server = ServerProcess("-c", str(mta_dir.root))
+    try:
+        server.wait_for("harakapy ready")
+        first = implicit_cert()
+        assert starttls_cert() == first
+        issue("second")
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        server.wait_for("config reloaded", start=mark)
+        assert implicit_cert() != first
+        assert starttls_cert() == implicit_cert()
+    finally:
+        assert server.stop() == 0

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 import time
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,7 @@ class SmtpProtocol(SMTP):
         self.connection: Connection | None = None
         self._busy = False
         self._auth_failures = 0
+        self._implicit_handshake: asyncio.Future[None] | None = None
         self._smtp_methods = {name: self._guarded(method)
                               for name, method in self._smtp_methods.items()}
 
@@ -146,8 +148,6 @@ class SmtpProtocol(SMTP):
         sock = transport.get_extra_info("sockname") or ("", 0)
         self.connection = connection = Connection(
             new_id(), _plain_ip(peer[0]), peer[1], _plain_ip(sock[0]), sock[1])
-        if self.implicit_tls:
-            self._record_tls()
         server.connections.add(self)
         try:
             log.info("%s connect from [%s]:%d to port %d%s", connection.id,
@@ -160,6 +160,9 @@ class SmtpProtocol(SMTP):
                 return
             if server.draining:
                 await self._close_with("421 4.3.2 Service shutting down")
+                return
+            if self._implicit_handshake is not None and not await self._finish_tls(
+                    self._implicit_handshake):
                 return
             result = await server.plugins.call_first("connect", connection=connection,
                                                      server=server)
@@ -265,22 +268,41 @@ class SmtpProtocol(SMTP):
             await self.push("454 4.7.0 TLS not available")
             return
         await self._push_raw("220 2.0.0 Ready to start TLS")
-        await self._start_tls()
+        await self._finish_tls(self._begin_tls(self.tls_context))
 
-    async def _start_tls(self) -> None:
-        # aiosmtpd's STARTTLS, minus its own 220: it sets up TLS on the live transport,
-        # and its connection_made() discards any plaintext pipelined after the command
-        # (RFC 3207 4.2, the STARTTLS command-injection attack).
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first and self.implicit_tls:
+            # Synchronously, before any data_received(): the client's ClientHello may be
+            # in the very first read.
+            self._implicit_handshake = self._begin_tls(self.server.tls_context)
+
+    def _begin_tls(self, context: ssl.SSLContext | None) -> asyncio.Future[None]:
+        """Put TLS on the live connection; the future completes with the handshake.
+
+        aiosmtpd's STARTTLS, minus its own 220: its connection_made() then discards any
+        plaintext pipelined after the command (RFC 3207 4.2, the command-injection
+        attack). Implicit-TLS listeners use it too, with the context current at connect
+        time, so that a certificate renewed and reloaded with SIGHUP reaches them as well.
+        """
         from asyncio import sslproto
 
         waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter,
+        if context is None:
+            waiter.set_exception(ssl.SSLError("no TLS context"))
+            return waiter
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, context, waiter,
                                                   server_side=True,
                                                   ssl_handshake_timeout=self._timeout_duration)
         self._original_transport = self.transport
         self._original_transport.set_protocol(self._tls_protocol)
         self.transport = self._tls_protocol._app_transport
         self._tls_protocol.connection_made(self._original_transport)
+        return waiter
+
+    async def _finish_tls(self, waiter: asyncio.Future[None]) -> bool:
+        """Wait for the handshake; whether it succeeded (a failure closes the connection)."""
         try:
             await waiter
         except asyncio.CancelledError:
@@ -289,14 +311,18 @@ class SmtpProtocol(SMTP):
             log.info("%s TLS handshake failed: %s", self._cid, exc)
             if self._original_transport is not None:
                 self._original_transport.close()
-            return
+            elif self.transport is not None:
+                self.transport.close()
+            return False
         connection = self.connection
         assert connection is not None
         # RFC 3207 4.2: forget everything learnt before TLS.
         connection.helo, connection.esmtp, connection.transaction = None, False, None
         self._record_tls()
-        log.info("%s STARTTLS %s %s", connection.id, connection.tls.version if connection.tls
-                 else "?", connection.tls.cipher if connection.tls else "")
+        if connection.tls is not None:
+            log.info("%s TLS %s %s", connection.id, connection.tls.version,
+                     connection.tls.cipher)
+        return True
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         connection = self.connection
