@@ -35,14 +35,21 @@ def _context(config: Config, me: str) -> ssl.SSLContext:
         missing = "key" if not key else "cert"
         raise ini.error("main", missing, "key and cert go together; set both or neither")
     ciphers = ini.get_str("main", "ciphers") or None
+    if ciphers:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+        except ssl.SSLError:
+            raise ini.error("main", "ciphers", f"OpenSSL selects no cipher from {ciphers!r}"
+                            ) from None
+    for name, value in (("cert", cert), ("key", key)):
+        if not config.resolve(value).is_file():
+            raise ini.error("main", name, f"no such file: {config.resolve(value)}")
     try:
         return server_context(config.resolve(cert), config.resolve(key),
                               min_version=min_version, ciphers=ciphers)
-    except FileNotFoundError as exc:
-        which = "cert" if str(config.resolve(cert)) == exc.filename else "key"
-        raise ini.error("main", which, f"no such file: {exc.filename}") from None
     except (OSError, ssl.SSLError) as exc:
-        raise ini.error("main", "cert", f"cannot load key and certificate: {exc}") from None
+        raise ini.error("main", "cert", f"cannot load key and certificate "
+                                        f"(do they match?): {exc}") from None
 
 
 def _load(server) -> ssl.SSLContext:
