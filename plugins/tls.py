@@ -26,14 +26,6 @@ def _context(config: Config, me: str) -> ssl.SSLContext:
         raise ini.error("main", "min_version", str(exc)) from None
     if min_version < ssl.TLSVersion.TLSv1_2:
         raise ini.error("main", "min_version", "TLSv1.2 is the lowest we offer (RFC 8996)")
-    key, cert = ini.get_str("main", "key"), ini.get_str("main", "cert")
-    if not key and not cert:
-        log.warning("no key/cert in config/tls.ini: offering STARTTLS with a self-signed "
-                    "certificate for %s", me)
-        return self_signed_context(me, min_version=min_version)
-    if not key or not cert:
-        missing = "key" if not key else "cert"
-        raise ini.error("main", missing, "key and cert go together; set both or neither")
     ciphers = ini.get_str("main", "ciphers") or None
     if ciphers:
         try:
@@ -41,6 +33,14 @@ def _context(config: Config, me: str) -> ssl.SSLContext:
         except ssl.SSLError:
             raise ini.error("main", "ciphers", f"OpenSSL selects no cipher from {ciphers!r}"
                             ) from None
+    key, cert = ini.get_str("main", "key"), ini.get_str("main", "cert")
+    if not key and not cert:
+        log.warning("no key/cert in config/tls.ini: offering STARTTLS with a self-signed "
+                    "certificate for %s", me)
+        return self_signed_context(me, min_version=min_version, ciphers=ciphers)
+    if not key or not cert:
+        missing = "key" if not key else "cert"
+        raise ini.error("main", missing, "key and cert go together; set both or neither")
     for name, value in (("cert", cert), ("key", key)):
         if not config.resolve(value).is_file():
             raise ini.error("main", name, f"no such file: {config.resolve(value)}")

@@ -77,7 +77,8 @@ def self_signed(hostname: str, *, days: int = 365) -> tuple[bytes, bytes]:
 
 
 def self_signed_context(hostname: str, *,
-                        min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2) -> ssl.SSLContext:
+                        min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+                        ciphers: str | None = None) -> ssl.SSLContext:
     """A server context with a fresh self-signed certificate, kept only in memory.
 
     ``ssl`` loads keys from files alone, so the pair lives for a moment in a private
@@ -90,7 +91,7 @@ def self_signed_context(hostname: str, *,
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(key_pem)
-        return server_context(cert_path, key_path, min_version=min_version)
+        return server_context(cert_path, key_path, min_version=min_version, ciphers=ciphers)
 
 
 def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str, int]:
