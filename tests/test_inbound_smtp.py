@@ -187,3 +187,44 @@ async def test_smtplib_client_with_verified_starttls(config_dir, server_cert, tl
         await sendmail(hp.port, "a@client.test", ["b@example.test"],
                        b"Subject: v\r\n\r\nok\r\n", host="localhost", starttls=context)
         assert len(hp.captured) == 1
+
+
+async def test_mail_loop_is_refused_by_hop_count(config_dir):
+    root = config_dir({"smtp.ini": "listen = 127.0.0.1:0\nmax_hops = 5\n",
+                       "plugins": "relay\ncapture\n"}, {"capture": CAPTURE_PLUGIN})
+    async with running_server(root) as hp:
+        looped = b"".join(b"Received: from x by y; Sun, 29 Nov 2026 08:00:00 +0000\r\n"
+                          for _ in range(5)) + b"Subject: loop\r\n\r\nbody\r\n"
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await sendmail(hp.port, "a@c.test", ["b@x.test"], looped)
+        assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (554, b"5.4.6")
+        await sendmail(hp.port, "a@c.test", ["b@x.test"], looped[56:])  # four hops: fine
+        assert len(hp.captured) == 1
+
+
+async def test_utf8_transaction_is_recorded_as_utf8smtp(config_dir):
+    root = config_dir({"plugins": "relay\ncapture\n"}, {"capture": CAPTURE_PLUGIN})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        await client.command("MAIL FROM:<jörg@c.test> SMTPUTF8")
+        await client.command("RCPT TO:<b@x.test>")
+        await client.command("DATA")
+        assert (await client.command("Subject: ü\r\n\r\nbody\r\n."))[0] == 250
+        await client.close()
+        (_, transaction), = hp.captured
+        assert b"with UTF8SMTP id" in transaction.message
+
+
+@pytest.mark.parametrize(("length", "code"), [(510, 250), (511, 500)])
+async def test_command_line_limit_is_512_octets_with_crlf(config_dir, length, code):
+    root = config_dir({"plugins": "relay\n"})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        line = "NOOP " + "x" * (length - 5)
+        assert len(line) + 2 == length + 2
+        assert (await client.command(line))[0] == code
+        await client.close()

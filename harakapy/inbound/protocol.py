@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult
 
 from harakapy.inbound.address import AddressError, parse_params, parse_path
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction, new_id
-from harakapy.inbound.received import received_header
+from harakapy.inbound.received import count_received, received_header
 from harakapy.results import Action, Result, add_enhanced, format_reply, reply_for
 from harakapy.tls.context import describe
 
@@ -67,8 +67,9 @@ class SmtpProtocol(SMTP):
         )
         # aiosmtpd keeps these limits in a class attribute that every EHLO grows; ours are
         # per connection and fixed.
+        # per connection and fixed. aiosmtpd measures lines without their CRLF.
         self.command_size_limits = collections.defaultdict(
-            lambda: MAX_COMMAND_LINE, {"MAIL": MAX_MAIL_LINE})
+            lambda: MAX_COMMAND_LINE - 2, {"MAIL": MAX_MAIL_LINE - 2})
         self.server = server
         self.implicit_tls = implicit_tls
         self.connection: Connection | None = None
@@ -539,8 +540,12 @@ class SmtpProtocol(SMTP):
             log.info("%s DATA not finished within data_timeout", connection.id)
             await self._close_with("421 4.4.2 Timeout while receiving data, closing")
             return
+        if problem is None and count_received(content) >= self.server.settings.max_hops:
+            # RFC 5321 6.3: a message that went round this often is in a mail loop.
+            problem = "554 5.4.6 Too many hops (Received: headers), mail loop?"
         if problem is not None:
             connection.transaction = None
+            log.info("%s message refused: %s", connection.id, problem)
             await self.push(problem)
             return
         transaction.message = received_header(connection, transaction, self.hostname) + content

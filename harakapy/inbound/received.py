@@ -11,10 +11,12 @@ from email.utils import formatdate
 from harakapy.inbound.connection import Connection, Transaction
 
 
-def protocol_name(connection: Connection) -> str:
+def protocol_name(connection: Connection, transaction: Transaction) -> str:
+    """RFC 3848 / RFC 6531 names: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA, UTF8SMTP(S)(A)."""
     if not connection.esmtp:
         return "SMTP"
-    return "ESMTP" + ("S" if connection.tls else "") + ("A" if connection.auth_user else "")
+    base = "UTF8SMTP" if transaction.smtputf8 else "ESMTP"
+    return base + ("S" if connection.tls else "") + ("A" if connection.auth_user else "")
 
 
 def received_header(connection: Connection, transaction: Transaction, me: str,
@@ -32,7 +34,8 @@ def received_header(connection: Connection, transaction: Transaction, me: str,
         lines.append("\t(No client certificate requested)")
     if connection.auth_user:
         lines.append("\t(Authenticated sender: " + _clean(connection.auth_user) + ")")
-    lines.append(f"\tby {me} (harakapy) with {protocol_name(connection)} id {transaction.id}")
+    protocol = protocol_name(connection, transaction)
+    lines.append(f"\tby {me} (harakapy) with {protocol} id {transaction.id}")
     rcpt = f"for {transaction.recipients[0]}; " if len(transaction.recipients) == 1 else ""
     lines.append(f"\t{rcpt}{formatdate(now, localtime=False, usegmt=True)}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
@@ -41,3 +44,9 @@ def received_header(connection: Connection, transaction: Transaction, me: str,
 def _clean(text: str) -> str:
     # The client chose this text: keep it on one line and out of our comment syntax.
     return "".join(c if c.isprintable() and c not in "()" else "?" for c in text)[:255]
+
+
+def count_received(message: bytes) -> int:
+    """How many ``Received:`` fields the header section of ``message`` has."""
+    header = message.split(b"\r\n\r\n", 1)[0]
+    return sum(1 for line in header.split(b"\r\n") if line[:9].lower() == b"received:")

@@ -50,6 +50,7 @@ class InboundSettings:
     data_timeout: float
     max_message_bytes: int
     max_recipients: int
+    max_hops: int
     max_auth_failures: int
     smtputf8: bool
     plugin_timeout: float
@@ -70,6 +71,7 @@ class InboundSettings:
             data_timeout=ini.get_float("main", "data_timeout", 600.0, minimum=0.01),
             max_message_bytes=ini.get_int("main", "max_message_bytes", 26214400, minimum=1024),
             max_recipients=ini.get_int("main", "max_recipients", 1000, minimum=1),
+            max_hops=ini.get_int("main", "max_hops", 100, minimum=1),
             max_auth_failures=ini.get_int("main", "max_auth_failures", 3, minimum=1),
             smtputf8=ini.get_bool("main", "smtputf8", True),
             plugin_timeout=ini.get_float("main", "plugin_timeout", 30.0, minimum=0.01),
