@@ -82,6 +82,9 @@ def parse_path(text: str, *, allow_null: bool, smtputf8: bool) -> tuple[Address,
         raise AddressError("empty address")
     if not smtputf8 and not path.isascii():
         raise AddressError("non-ASCII address needs SMTPUTF8")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in path):
+        # aiosmtpd keeps undecodable bytes as lone surrogates: not UTF-8, not an address.
+        raise AddressError("address is not valid UTF-8")
     path = _ROUTE.sub("", path, count=1)  # RFC 5321 4.1.2: source routes are ignored
     match = _MAILBOX.match(path)
     if match is None:

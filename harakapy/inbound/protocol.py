@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("harakapy.inbound")
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
+MAX_TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6, CRLF included
 # RFC 1870 (SIZE=), RFC 6152 (BODY=8BITMIME), RFC 6531 (SMTPUTF8) and RFC 8689 (REQUIRETLS)
 # each let MAIL FROM grow by their parameter.
 MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 14 + 10 + 11
@@ -66,8 +68,8 @@ class SmtpProtocol(SMTP):
             loop=asyncio.get_running_loop(),
         )
         # aiosmtpd keeps these limits in a class attribute that every EHLO grows; ours are
-        # per connection and fixed.
         # per connection and fixed. aiosmtpd measures lines without their CRLF.
+        self.command_size_limit = MAX_COMMAND_LINE - 2  # before EHLO and after HELO
         self.command_size_limits = collections.defaultdict(
             lambda: MAX_COMMAND_LINE - 2, {"MAIL": MAX_MAIL_LINE - 2})
         self.server = server
@@ -83,6 +85,7 @@ class SmtpProtocol(SMTP):
 
     def _guarded(self, method: Callable[[Any], Awaitable[None]]
                  ) -> Callable[[Any], Awaitable[None]]:
+        @functools.wraps(method)  # keeps aiosmtpd's __smtp_syntax__ for HELP
         async def run(arg: Any) -> None:
             if arg is not None and "\x00" in arg:
                 await self.push("501 5.5.2 NUL character not allowed")
@@ -102,7 +105,7 @@ class SmtpProtocol(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = add_enhanced(status)
+            status = _printable(add_enhanced(status))
         await super().push(status)
 
     async def _push_raw(self, status: str) -> None:
@@ -444,7 +447,7 @@ class SmtpProtocol(SMTP):
     def _check_mail_params(self, params: dict[str, str | bool]) -> str | None:
         for name, value in params.items():
             if name == "SIZE":
-                if not isinstance(value, str) or not value.isdigit():
+                if not isinstance(value, str) or not (value.isascii() and value.isdigit()):
                     return "501 5.5.4 SIZE needs a number"
                 if int(value) > self.data_size_limit:
                     return ("552 5.3.4 Message size exceeds fixed maximum message size "
@@ -584,7 +587,11 @@ class SmtpProtocol(SMTP):
             if problem is not None:
                 continue
             if line[:1] == b".":
-                line = line[1:]
+                line = line[1:]  # the stuffing dot does not count towards the limit
+            if len(line) > MAX_TEXT_LINE:
+                problem = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
+                chunks.clear()
+                continue
             if b"\n" in line[:-2]:
                 # Bare LF is no line end in SMTP, but some servers after us treat it as one:
                 # normalise it (Postfix's smtpd_forbid_bare_newline = normalize), which
@@ -644,3 +651,11 @@ def _after_keyword(arg: str | None, keyword: str) -> str | None:
 
 def _plain_ip(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def _printable(reply: str) -> str:
+    # Replies may quote the client (an unknown verb, a bad address): never echo control
+    # characters or undecodable bytes (lone surrogates are not printable) back.
+    if reply.isprintable():
+        return reply
+    return "".join(c if c.isprintable() else "?" for c in reply)
