@@ -61,6 +61,8 @@ class Entry:
         return ConfigError(self.path, self.line, key, reason)
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SECTION = re.compile(r"^\[\s*([^\]]+?)\s*\]$")
 _KEY_VALUE = re.compile(r"^([^=:\s][^=]*?)\s*[=:]\s*(.*)$")
 
@@ -171,6 +173,18 @@ class IniFile:
         if minimum is not None and number < minimum:
             raise self.error(section, key, f"must be at least {minimum}, got {number}")
         return number
+
+    def get_duration(self, section: str, key: str, default: float = 0.0) -> float:
+        """Seconds, written as a number (seconds) or with a unit: ``90s``, ``5m``, ``1h``,
+        ``5d``."""
+        value = self.get(section, key)
+        if value is None or value == "":
+            return default
+        match = _DURATION.match(value.strip().lower())
+        if match is None:
+            raise self.error(section, key, f"expected a duration such as 300, 5m, 1h or 5d, "
+                                           f"got {value!r}")
+        return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
     def get_list(self, section: str, key: str, default: list[str] | None = None) -> list[str]:
         """A comma-separated value as a list of stripped, non-empty items."""

@@ -18,8 +18,10 @@ import pluggy
 if TYPE_CHECKING:
     from harakapy.inbound.address import Address
     from harakapy.inbound.connection import Connection, Transaction
+    from harakapy.outbound.mx import MxHost
     from harakapy.results import Result
     from harakapy.server import Server
+    from harakapy.spool.store import QueuedMessage, QueuedRecipient
 
 hookspec = pluggy.HookspecMarker("harakapy")
 
@@ -218,4 +220,72 @@ def disconnect(connection: Connection, server: Server) -> None:
     """The connection closed, whoever closed it.
 
     Every plugin is called; exceptions are logged.
+    """
+
+
+# -- outbound ------------------------------------------------------------------------------
+
+
+@hookspec
+def init_outbound(message: QueuedMessage, server: Server) -> None:
+    """A message entered the outbound queue (it is in the spool, fsynced).
+
+    :param message: The queued message: ``id``, ``sender``, ``recipients`` (each with
+        ``address``, ``domain``, ``state``), ``arrival``, ``size``; ``message.read()`` loads
+        the text.
+
+    Every plugin is called; exceptions are logged.
+    """
+
+
+@hookspec(firstresult=True)
+def get_mx(message: QueuedMessage, domain: str, server: Server
+           ) -> list[MxHost] | MxHost | str | None:
+    """Choose the next hops for ``domain`` instead of DNS: a smarthost, a backend.
+
+    Return an :class:`~harakapy.outbound.mx.MxHost` (``MxHost("10.0.0.5", port=2525,
+    lmtp=True)``), a string ``"host"`` or ``"host:port"``, or a list of them tried in
+    order; ``None`` lets the next plugin decide, and when none does, the MX records in DNS
+    are used (RFC 5321 5.1).
+
+    Stops at the first non-None result. A plugin that fails defers the mail (4.3.0); it
+    never falls back to DNS.
+    """
+
+
+@hookspec
+def delivered(message: QueuedMessage, recipients: list[QueuedRecipient], mx: str,
+              reply: str, server: Server) -> None:
+    """Recipients were accepted by a receiving server (recorded in the spool first).
+
+    :param mx: The host that accepted them.
+    :param reply: Its reply, e.g. ``"250 2.0.0 Ok: queued as 4X1"``.
+
+    Every plugin is called; exceptions are logged.
+    """
+
+
+@hookspec
+def deferred(message: QueuedMessage, recipients: list[QueuedRecipient], reason: str,
+             next_attempt: float, server: Server) -> None:
+    """Recipients could not be delivered now and will be tried again.
+
+    :param reason: Why (the server's 4xx reply, or the connection or DNS failure).
+    :param next_attempt: When, in seconds since the epoch.
+
+    Every plugin is called; exceptions are logged.
+    """
+
+
+@hookspec(firstresult=True)
+def bounce(message: QueuedMessage, recipients: list[QueuedRecipient], dsn: bytes,
+           server: Server) -> Result | bytes | None:
+    """Recipients failed for good; ``dsn`` is the RFC 3464 report we will send the sender.
+
+    Return ``None`` to send it, other ``bytes`` to send those instead (a rewritten
+    report), or :func:`~harakapy.ok` to send nothing (the plugin dealt with it). Messages
+    from the null sender ``<>`` never get a DSN and do not reach this hook.
+
+    Stops at the first non-None result. A plugin that fails keeps the recipients queued,
+    so no notice is lost.
     """

@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from harakapy.config import Config, ConfigError
+from harakapy.dns import Resolver
 from harakapy.inbound.protocol import SmtpProtocol
 from harakapy.inbound.settings import InboundSettings, ListenAddress, check_me
+from harakapy.outbound import control
+from harakapy.outbound.queue import OutboundQueue
+from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
+from harakapy.spool.store import Spool, SpoolError
 
 log = logging.getLogger("harakapy.server")
 
@@ -45,6 +50,9 @@ class _State:
 def _build_state(config: Config) -> _State:
     settings = InboundSettings.from_config(config)
     config.ini("tls.ini").check_known(config.shipped_ini("tls.ini"))
+    # Checked now so a bad value stops the start (or the reload) with file:line.
+    config.derive("outbound.settings", OutboundSettings.from_config)
+    config.derive("outbound.resolver", Resolver.from_config)
     me = check_me(config) or socket.getfqdn()
     plugins = PluginManager.load(config, timeout=settings.plugin_timeout)
     return _State(config, settings, plugins, me)
@@ -66,6 +74,8 @@ class Server:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._reloading: asyncio.Lock | None = None
+        self.outbound: OutboundQueue | None = None
+        self._control: asyncio.Server | None = None
 
     @classmethod
     def from_directory(cls, root: Path | None) -> Server:
@@ -126,6 +136,7 @@ class Server:
         """
         self._reloading = asyncio.Lock()
         self._state = await self._prepare(self._state, "startup")
+        await self._start_outbound()
         loop = asyncio.get_running_loop()
         for address in self.settings.listen:
             # No ssl= here even for implicit TLS: the protocol does the handshake with the
@@ -146,6 +157,27 @@ class Server:
                      else "")
         log.info("harakapy ready as %s with plugins: %s", self.me,
                  ", ".join(p.name for p in self.plugins.plugins) or "none")
+
+    async def _start_outbound(self) -> None:
+        settings = OutboundSettings.from_config(self.config)
+        spool = Spool(self.config.queue_dir(), fsync=settings.fsync)
+        self.outbound = OutboundQueue(self, spool)
+        try:
+            await self.outbound.start()
+        except (SpoolError, OSError) as exc:
+            raise ListenError(f"cannot use the spool {spool.root}: {exc}") from exc
+        self._control = await control.serve(spool.root, self._control_command)
+
+    def _control_command(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.outbound is not None
+        command, message_id = request.get("cmd"), request.get("id")
+        if command == "flush":
+            return {"ok": True, "count": self.outbound.flush(message_id)}
+        if command == "delete" and isinstance(message_id, str):
+            return {"ok": self.outbound.delete(message_id)}
+        if command == "stats":
+            return {"ok": True, **self.outbound.stats()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coroutine`` as a task this server owns: kept alive, awaited on stop, and
@@ -229,5 +261,10 @@ class Server:
             await asyncio.sleep(0)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
+        if self._control is not None:
+            self._control.close()
+            (self.config.queue_dir() / control.SOCKET_NAME).unlink(missing_ok=True)
+        if self.outbound is not None:
+            await self.outbound.stop()
         await self.plugins.call_all("shutdown", server=self)
         log.info("stopped")

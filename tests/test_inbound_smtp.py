@@ -107,12 +107,24 @@ async def test_relay_from_acl_network_goes_to_queue_outbound(config_dir):
         assert [r.address for r in transaction.recipients] == ["b@outside.test"]
 
 
-async def test_relayed_mail_without_outbound_queue_is_a_temporary_failure(config_dir):
-    root = config_dir({"plugins": "relay\n"})
+async def test_relayed_mail_is_in_the_spool_before_the_client_hears_250(config_dir):
+    # No queue_outbound plugin: the core outbound queue takes it. DNS points nowhere, so
+    # the message stays queued for us to look at.
+    root = config_dir({"plugins": "relay\n",
+                       "dns.ini": "[main]\nnameservers = 127.0.0.1\nport = 9\ntimeout = 0.2\n"})
     async with running_server(root) as hp:
-        with pytest.raises(smtplib.SMTPDataError) as failed:
-            await sendmail(hp.port, "a@client.test", ["b@outside.test"], b"x\r\n")
-        assert failed.value.smtp_code == 451
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        await client.command("MAIL FROM:<a@client.test>")
+        await client.command("RCPT TO:<b@outside.test>")
+        await client.command("DATA")
+        code, text = await client.command("Subject: s\r\n\r\nbody\r\n.")
+        assert code == 250
+        queue_id = text.rsplit(" ", 1)[1]
+        spooled = (root / "queue" / "msg" / queue_id).read_bytes()
+        assert spooled.endswith(b"Subject: s\r\n\r\nbody\r\n")
+        await client.close()
 
 
 async def test_too_many_recipients_gets_452(config_dir):

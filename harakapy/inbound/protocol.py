@@ -26,6 +26,7 @@ from harakapy.inbound.address import AddressError, parse_params, parse_path
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction, new_id
 from harakapy.inbound.received import count_received, received_header
 from harakapy.results import Action, Result, add_enhanced, format_reply, reply_for
+from harakapy.spool.store import SpoolError
 from harakapy.tls.context import describe
 
 if TYPE_CHECKING:
@@ -606,6 +607,17 @@ class SmtpProtocol(SMTP):
             chunks.append(line)
         return b"".join(chunks), problem
 
+    async def _queue_outbound(self, transaction: Transaction) -> Result:
+        """The core outbound queue: store durably, then 250 (never 250 before fsync)."""
+        assert self.server.outbound is not None
+        try:
+            await self.server.outbound.enqueue(transaction)
+        except SpoolError as exc:
+            log.error("%s cannot queue %s: %s", self._cid, transaction.id, exc)
+            return Result(Action.DENYSOFT, "Cannot queue the message now; try again later",
+                          enhanced="4.3.0")
+        return Result(Action.OK)
+
     async def _finish(self, transaction: Transaction) -> None:
         connection = self.connection
         assert connection is not None
@@ -617,6 +629,8 @@ class SmtpProtocol(SMTP):
             hook = "queue_outbound" if connection.relaying else "queue"
             result = await self.server.plugins.call_first(
                 hook, connection=connection, transaction=transaction, server=self.server)
+            if result is None and hook == "queue_outbound" and self.server.outbound:
+                result = await self._queue_outbound(transaction)
             if isinstance(result, Result) and result.is_ok:
                 reply = format_reply(250, result.message or f"Ok: queued as {transaction.id}",
                                      result.enhanced or "2.0.0")

@@ -1,0 +1,1 @@
+"""The outbound half: the queue runner, MX resolution, one delivery attempt, bounces."""

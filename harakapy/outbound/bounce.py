@@ -1,0 +1,129 @@
+"""Delivery status notifications (RFC 3464, RFC 6522): the text of a bounce or delay warning.
+
+Pure: given the message and what happened to its recipients, build the DSN bytes. Sending
+it (from ``<>``, never to ``<>``) is the queue runner's business.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from email.utils import formatdate, make_msgid
+
+from harakapy.spool.store import QueuedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One recipient's line in a DSN.
+
+    :param recipient: The forward path.
+    :param status: RFC 3463 code, e.g. ``5.1.1``.
+    :param diagnostic: The remote server's reply (``smtp; 550 5.1.1 ...``) or our reason.
+    :param remote_mta: The host that answered, if one did.
+    :param remote: Whether ``diagnostic`` is a remote server's reply.
+    """
+
+    recipient: str
+    status: str
+    diagnostic: str
+    remote_mta: str = ""
+    remote: bool = False
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.split())[:900]
+
+
+def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
+              delayed: bool = False, retry_until: float | None = None,
+              now: float | None = None) -> bytes:
+    """The DSN for ``failures`` of ``message``, as bytes with CRLF line ends.
+
+    :param me: Our host name (Reporting-MTA, From: MAILER-DAEMON@me).
+    :param delayed: A delay warning (Action: delayed) instead of a bounce (Action: failed).
+    :param retry_until: For a delay warning, when we give up (Will-Retry-Until).
+    """
+    boundary = f"=_harakapy_{os.urandom(8).hex()}"
+    date = formatdate(now, usegmt=True)
+    utf8 = message.smtputf8
+    action = "delayed" if delayed else "failed"
+    subject = ("Delayed Mail (still being retried)" if delayed
+               else "Undelivered Mail Returned to Sender")
+
+    human = [
+        f"This is the mail system at host {me}.",
+        "",
+        ("Your message could not be delivered yet to the recipients below. It is still in "
+         "the queue and will be tried again." if delayed else
+         "I'm sorry to have to inform you that your message could not be delivered to one "
+         "or more recipients. It's attached below."),
+        "",
+    ]
+    for failure in failures:
+        human.append(f"<{failure.recipient}>: {_fold(failure.diagnostic)}")
+        if failure.remote_mta:
+            human.append(f"    (host {failure.remote_mta})")
+    human.append("")
+
+    per_message = [f"Reporting-MTA: dns; {me}", f"X-Harakapy-Queue-ID: {message.id}",
+                   f"Arrival-Date: {formatdate(message.arrival, usegmt=True)}"]
+    per_recipient = []
+    for failure in failures:
+        kind = "utf-8" if utf8 and not failure.recipient.isascii() else "rfc822"
+        block = [f"Final-Recipient: {kind}; {failure.recipient}",
+                 f"Original-Recipient: {kind}; {failure.recipient}",
+                 f"Action: {action}", f"Status: {failure.status}"]
+        if failure.remote_mta:
+            block.append(f"Remote-MTA: dns; {failure.remote_mta}")
+        if failure.diagnostic:
+            kind = "smtp" if failure.remote else "x-harakapy"
+            block.append(f"Diagnostic-Code: {kind}; {_fold(failure.diagnostic)}")
+        block.append(f"Last-Attempt-Date: {date}")
+        if delayed and retry_until is not None:
+            block.append(f"Will-Retry-Until: {formatdate(retry_until, usegmt=True)}")
+        per_recipient.append("\r\n".join(block))
+
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    # The original goes back whole for a bounce; a delay warning only needs its header.
+    if delayed:
+        original_type = "message/global-headers" if utf8 else "text/rfc822-headers"
+        original = message.read_headers()
+    else:
+        original_type = "message/global" if utf8 else "message/rfc822"
+        original = message.read()
+
+    head = "\r\n".join([
+        f"From: MAILER-DAEMON@{me} (Mail Delivery System)",
+        f"To: <{message.sender}>",
+        f"Subject: {subject}",
+        f"Date: {date}",
+        f"Message-ID: {make_msgid(domain=me)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        "\r\n".join(human),
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        f"Content-Type: {status_type}",
+        "",
+        "\r\n".join(per_message),
+        "",
+        "\r\n\r\n".join(per_recipient),
+        "",
+        f"--{boundary}",
+        "Content-Description: Undelivered " + ("message header" if delayed else "message"),
+        f"Content-Type: {original_type}",
+        "",
+        "",
+    ])
+    tail = f"\r\n--{boundary}--\r\n"
+    original = original if original.endswith(b"\r\n") else original + b"\r\n"
+    return head.encode("utf-8") + original + tail.encode()

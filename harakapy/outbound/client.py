@@ -1,0 +1,310 @@
+"""An SMTP/LMTP client session for delivery: greeting, EHLO, STARTTLS, one transaction at a
+time with PIPELINING, per-recipient replies.
+
+Written here rather than with aiosmtplib, whose protocol reads one reply per command
+(no PIPELINING), speaks no LMTP, and rewrites bare CRs in message text. This module knows
+the SMTP client dialogue and nothing of queues, MX lists or TLS policy: the caller hands it
+an SSL context and decides what a failure means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from dataclasses import dataclass, field
+
+MAX_REPLY_LINES = 100  # a hostile server cannot make us buffer without bound
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply. ``text`` keeps the lines joined with a space."""
+
+    code: int
+    text: str
+
+    @property
+    def enhanced(self) -> str | None:
+        match = _ENHANCED.match(self.text)
+        return match.group(1) if match else None
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class SessionError(Exception):
+    """The session broke: no connection, a timeout, a dropped line, a reply we cannot parse,
+    or a refusal at a stage that concerns the whole session (greeting, EHLO, STARTTLS).
+
+    :ivar stage: ``connect``, ``greeting``, ``ehlo``, ``starttls``, ``tls``, ``mail``,
+        ``rcpt``, ``data``.
+    :ivar reply: The server's reply, when it gave one.
+    """
+
+    def __init__(self, stage: str, reason: str, reply: Reply | None = None) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage = stage
+        self.reason = reason
+        self.reply = reply
+
+    @property
+    def permanent(self) -> bool:
+        return self.reply is not None and self.reply.code >= 500
+
+
+@dataclass(slots=True)
+class TransactionResult:
+    """What the server said to one transaction.
+
+    :ivar mail: The reply to MAIL FROM.
+    :ivar recipients: One reply per recipient, in order (LMTP: the final reply after DATA
+        for each accepted one; SMTP: the RCPT reply, or the DATA reply for those accepted).
+    """
+
+    mail: Reply
+    recipients: list[Reply] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Timeouts:
+    """Seconds each step may take (RFC 5321 4.5.3.2; Postfix's client defaults)."""
+
+    connect: float = 30.0
+    command: float = 300.0
+    data_done: float = 600.0
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """The message as sent after DATA: leading dots doubled, CRLF at the end, then ``.``."""
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+class SmtpSession:
+    """One open connection to a receiving server."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 timeouts: Timeouts, lmtp: bool = False) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeouts = timeouts
+        self.lmtp = lmtp
+        self.extensions: dict[str, str] = {}
+        self.greeting: Reply | None = None
+        self.ehlo_name: str = ""
+        self.peer_ip: str = ""
+        self.messages_sent = 0
+
+    @classmethod
+    async def open(cls, ip: str, port: int, *, timeouts: Timeouts, lmtp: bool = False,
+                   source_address: str | None = None) -> SmtpSession:
+        """Connect and read the greeting.
+
+        :raises SessionError: at stage ``connect`` or ``greeting``.
+        """
+        local = (source_address, 0) if source_address else None
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                reader, writer = await asyncio.open_connection(ip, port, local_addr=local,
+                                                               limit=65536)
+        except TimeoutError:
+            raise SessionError("connect", f"connection to [{ip}]:{port} timed out") from None
+        except OSError as exc:
+            raise SessionError("connect", f"cannot connect to [{ip}]:{port}: "
+                                          f"{exc.strerror or exc}") from None
+        session = cls(reader, writer, timeouts=timeouts, lmtp=lmtp)
+        session.peer_ip = ip
+        try:
+            greeting = await session.read_reply("greeting")
+        except SessionError:
+            session.abort()
+            raise
+        session.greeting = greeting
+        if greeting.code != 220:
+            await session.quit()
+            raise SessionError("greeting", f"server refused us: {greeting}", greeting)
+        return session
+
+    # -- replies and commands -----------------------------------------------------------
+
+    async def read_reply(self, stage: str, timeout: float | None = None) -> Reply:
+        code, lines = await self._read_lines(stage, timeout)
+        return Reply(code, " ".join(lines).strip())
+
+    async def _read_lines(self, stage: str, timeout: float | None = None
+                          ) -> tuple[int, list[str]]:
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(timeout or self.timeouts.command):
+                while True:
+                    raw = await self.reader.readline()
+                    if not raw:
+                        raise SessionError(stage, "connection closed by server")
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if (len(line) < 3 or not line[:3].isdigit()
+                            or line[3:4] not in ("", " ", "-")):
+                        raise SessionError(stage, f"malformed reply {line[:80]!r}")
+                    lines.append(line[4:])
+                    if line[3:4] != "-":
+                        return int(line[:3]), lines
+                    if len(lines) > MAX_REPLY_LINES:
+                        raise SessionError(stage, "reply too long")
+        except TimeoutError:
+            raise SessionError(stage, "timeout waiting for the server") from None
+        except (ConnectionError, ssl.SSLError, ValueError) as exc:
+            raise SessionError(stage, f"connection lost: {exc}") from None
+
+    async def _send(self, stage: str, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            async with asyncio.timeout(self.timeouts.command):
+                await self.writer.drain()
+        except TimeoutError:
+            raise SessionError(stage, "timeout sending to the server") from None
+        except (ConnectionError, ssl.SSLError, RuntimeError) as exc:
+            raise SessionError(stage, f"connection lost: {exc}") from None
+
+    async def command(self, stage: str, line: str) -> Reply:
+        await self._send(stage, line.encode("utf-8") + b"\r\n")
+        return await self.read_reply(stage)
+
+    async def ehlo(self, name: str) -> None:
+        """EHLO (LHLO for LMTP), falling back to HELO when EHLO is not understood.
+
+        :raises SessionError: at stage ``ehlo``.
+        """
+        self.ehlo_name = name
+        reply, lines = await self._ehlo_lines("LHLO" if self.lmtp else "EHLO", name)
+        if reply.code in (500, 502) and not self.lmtp:
+            reply = await self.command("ehlo", f"HELO {name}")
+            lines = []
+        if reply.code != 250:
+            raise SessionError("ehlo", f"EHLO refused: {reply}", reply)
+        self.extensions = {}
+        for line in lines[1:]:
+            keyword, _, params = line.partition(" ")
+            self.extensions[keyword.upper()] = params
+
+    async def _ehlo_lines(self, verb: str, name: str) -> tuple[Reply, list[str]]:
+        await self._send("ehlo", f"{verb} {name}\r\n".encode())
+        code, lines = await self._read_lines("ehlo")
+        return Reply(code, " ".join(lines)), lines
+
+    def supports(self, extension: str) -> bool:
+        return extension.upper() in self.extensions
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """STARTTLS and the handshake; then EHLO again (RFC 3207 4.2).
+
+        :raises SessionError: ``starttls`` when refused, ``tls`` when the handshake fails
+            (the reason carries ssl's verification message).
+        """
+        reply = await self.command("starttls", "STARTTLS")
+        if reply.code != 220:
+            raise SessionError("starttls", f"STARTTLS refused: {reply}", reply)
+        try:
+            async with asyncio.timeout(self.timeouts.command):
+                await self.writer.start_tls(context, server_hostname=server_hostname)
+        except TimeoutError:
+            raise SessionError("tls", "TLS handshake timed out") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise SessionError("tls", f"certificate verification failed: "
+                                      f"{exc.verify_message or exc.reason}") from None
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            raise SessionError("tls", f"TLS handshake failed: {exc}") from None
+        await self.ehlo(self.ehlo_name)
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self.writer.get_extra_info("ssl_object")
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    # -- one transaction ----------------------------------------------------------------
+
+    async def send(self, sender: str, recipients: list[str], message: bytes, *,
+                   mail_params: list[str] = ()) -> TransactionResult:
+        """One transaction. Pipelined when the server offers PIPELINING (RFC 2920).
+
+        :returns: the replies; a refusal of MAIL or of every recipient is a result, not an
+            exception.
+        :raises SessionError: when the connection breaks or times out mid-transaction.
+        """
+        mail_line = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in mail_params)
+        rcpt_lines = [f"RCPT TO:<{r}>" for r in recipients]
+        if self.supports("PIPELINING"):
+            batch = [mail_line, *rcpt_lines, "DATA"]
+            await self._send("mail", "".join(f"{line}\r\n" for line in batch).encode())
+            mail = await self.read_reply("mail")
+            rcpt = [await self.read_reply("rcpt") for _ in recipients]
+            data = await self.read_reply("data")
+        else:
+            mail = await self.command("mail", mail_line)
+            if not mail.positive:
+                return TransactionResult(mail, [mail] * len(recipients))
+            rcpt = [await self.command("rcpt", line) for line in rcpt_lines]
+            data = (await self.command("data", "DATA")
+                    if any(r.positive for r in rcpt) else None)
+        result = TransactionResult(mail)
+        accepted = [i for i, r in enumerate(rcpt) if r.positive]
+        if not mail.positive or not accepted:
+            if data is not None and data.code == 354:
+                # RFC 2920 3.1: the server took DATA anyway; end it with no content.
+                await self._send("data", b".\r\n")
+                await self.read_reply("data")
+            await self.rset()
+            result.recipients = [mail if not mail.positive else r for r in rcpt]
+            return result
+        assert data is not None
+        if data.code != 354:
+            result.recipients = [r if not r.positive else data for r in rcpt]
+            await self.rset()
+            return result
+        await self._send("data", dot_stuff(message))
+        if self.lmtp:
+            finals = {i: await self.read_reply("data", self.timeouts.data_done)
+                      for i in accepted}
+        else:
+            done = await self.read_reply("data", self.timeouts.data_done)
+            finals = dict.fromkeys(accepted, done)
+        result.recipients = [finals.get(i, r) for i, r in enumerate(rcpt)]
+        self.messages_sent += 1
+        return result
+
+    async def rset(self) -> None:
+        try:
+            await self.command("rset", "RSET")
+        except SessionError:
+            self.abort()
+
+    async def quit(self) -> None:
+        """Say goodbye politely, then close; never raises."""
+        try:
+            if self.is_usable:
+                self.writer.write(b"QUIT\r\n")
+                async with asyncio.timeout(5):
+                    await self.reader.readline()
+        except (TimeoutError, ConnectionError, ssl.SSLError, RuntimeError):
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        transport = self.writer.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()

@@ -1,0 +1,258 @@
+"""One delivery attempt: the recipients of one message in one domain, tried at each host in
+turn, and what became of each recipient.
+
+The connection step (:meth:`Delivery.open_session`) is the one place a session is opened,
+greeted and encrypted; the TLS policy engine plugs in there. This module does not schedule,
+write the spool or call hooks: the queue runner does, with the :class:`Outcome` returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+from harakapy.dns import DnsError, NoSuchDomain, Resolver
+from harakapy.outbound.client import Reply, SessionError, SmtpSession
+from harakapy.outbound.mx import MxHost
+from harakapy.outbound.settings import OutboundSettings
+
+log = logging.getLogger("harakapy.outbound")
+
+
+@dataclass(slots=True)
+class RecipientResult:
+    """What happened to one recipient in this attempt."""
+
+    index: int
+    state: str  # "delivered", "deferred" or "bounced"
+    reply: str
+    enhanced: str
+    mx: str = ""
+    remote: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    results: list[RecipientResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # per-host failures, for logs and DSNs
+
+
+def _enhanced(reply: Reply, default: str) -> str:
+    return reply.enhanced or default
+
+
+class ConnectionPool:
+    """Idle sessions kept for reuse, keyed by host, address, port, protocol and TLS state.
+
+    A session opened under one TLS requirement is never handed to a delivery that needs
+    another: the key carries it.
+    """
+
+    def __init__(self, settings: OutboundSettings, loop_time) -> None:
+        self.settings = settings
+        self._time = loop_time
+        self._idle: dict[tuple, list[tuple[float, SmtpSession]]] = {}
+
+    def take(self, key: tuple) -> SmtpSession | None:
+        sessions = self._idle.get(key)
+        now = self._time()
+        while sessions:
+            since, session = sessions.pop()
+            if now - since <= self.settings.idle_timeout and session.is_usable:
+                return session
+            session.abort()
+        return None
+
+    async def give_back(self, key: tuple, session: SmtpSession) -> None:
+        if (not self.settings.connection_reuse or not session.is_usable
+                or session.messages_sent >= self.settings.max_messages_per_connection):
+            await session.quit()
+            return
+        self._idle.setdefault(key, []).append((self._time(), session))
+
+    async def expire(self) -> None:
+        """Close sessions idle longer than ``idle_timeout``."""
+        now = self._time()
+        for key in list(self._idle):
+            keep = []
+            for since, session in self._idle[key]:
+                if now - since > self.settings.idle_timeout or not session.is_usable:
+                    await session.quit()
+                else:
+                    keep.append((since, session))
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    async def close(self) -> None:
+        for sessions in self._idle.values():
+            for _since, session in sessions:
+                await session.quit()
+        self._idle.clear()
+
+
+def _opportunistic_context() -> ssl.SSLContext:
+    # Level "may": encrypt if offered, verify nothing (RFC 7435 opportunistic security).
+    # The policy engine gives stricter levels their own contexts.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # "may" authenticates no one, as in Postfix
+    context.minimum_version = ssl.TLSVersion.TLSv1
+    with contextlib.suppress(ssl.SSLError):
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # any encryption beats plaintext here
+    return context
+
+
+class Delivery:
+    """Delivers messages to hosts; one per queue runner (it owns the connection pool)."""
+
+    def __init__(self, settings: OutboundSettings, resolver: Resolver, me: str) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.me = me
+        self.pool = ConnectionPool(settings, asyncio.get_running_loop().time)
+        self._may_context = _opportunistic_context()
+
+    async def addresses(self, host: MxHost) -> list[str]:
+        """The IPs for ``host``: itself when it is an IP literal, else A/AAAA.
+
+        :raises DnsError: when the lookup fails (NoSuchDomain when the name is gone).
+        """
+        literal = host.hostname.strip("[]")
+        try:
+            return [str(ipaddress.ip_address(literal))]
+        except ValueError:
+            pass
+        return await self.resolver.addresses(host.hostname, ipv4=self.settings.ipv4,
+                                             ipv6=self.settings.ipv6)
+
+    async def open_session(self, host: MxHost, ip: str) -> tuple[SmtpSession, tuple]:
+        """Connect, EHLO, and STARTTLS when offered: the one connection step.
+
+        :returns: the session and its pool key.
+        :raises SessionError: the host cannot be used now.
+        """
+        key = (host.hostname, ip, host.port, host.lmtp, "may")
+        pooled = self.pool.take(key)
+        if pooled is not None:
+            return pooled, key
+        timeouts = self.settings.timeouts
+        session = await SmtpSession.open(ip, host.port, timeouts=timeouts, lmtp=host.lmtp,
+                                         source_address=self.settings.local_address)
+        try:
+            await session.ehlo(self.me)
+            if session.supports("STARTTLS"):
+                try:
+                    await session.starttls(self._may_context, server_hostname=None)
+                except SessionError as exc:
+                    if exc.stage != "tls":
+                        raise
+                    # Only at "may": after a failed handshake, that host may get the mail
+                    # in plaintext on a new connection, as Postfix does.
+                    log.info("TLS with %s [%s] failed (%s); retrying in plaintext",
+                             host.hostname, ip, exc.reason)
+                    session.abort()
+                    session = await SmtpSession.open(
+                        ip, host.port, timeouts=timeouts, lmtp=host.lmtp,
+                        source_address=self.settings.local_address)
+                    await session.ehlo(self.me)
+        except SessionError:
+            session.abort()
+            raise
+        return session, key
+
+    async def attempt(self, hosts: list[MxHost], sender: str, recipients: list[str],
+                      message: bytes, *, smtputf8: bool) -> Outcome:
+        """Try ``hosts`` in order until one takes a decision on every recipient.
+
+        A host that cannot be reached, greets badly, fails EHLO/STARTTLS, refuses MAIL with
+        4xx or drops the line is skipped for the next; per-recipient replies are final for
+        this attempt (2xx delivered, 4xx deferred, 5xx bounced).
+        """
+        outcome = Outcome()
+        eight_bit = not message.isascii()
+        for host in hosts:
+            try:
+                addresses = await self.addresses(host)
+            except NoSuchDomain as exc:
+                outcome.errors.append(f"{host.hostname}: {exc.reason}")
+                continue
+            except DnsError as exc:
+                outcome.errors.append(f"{host.hostname}: {exc.reason}")
+                continue
+            if not addresses:
+                outcome.errors.append(f"{host.hostname}: no address records")
+                continue
+            for ip in addresses:
+                done = await self._attempt_at(host, ip, sender, recipients, message,
+                                              smtputf8=smtputf8, eight_bit=eight_bit,
+                                              outcome=outcome)
+                if done:
+                    return outcome
+        return outcome
+
+    async def _attempt_at(self, host: MxHost, ip: str, sender: str, recipients: list[str],
+                          message: bytes, *, smtputf8: bool, eight_bit: bool,
+                          outcome: Outcome) -> bool:
+        where = f"{host.hostname}[{ip}]:{host.port}"
+        try:
+            session, key = await self.open_session(host, ip)
+        except SessionError as exc:
+            outcome.errors.append(f"{where}: {exc.reason}")
+            log.info("host %s unusable: %s", where, exc.reason)
+            return False
+        refusal = self._cannot_carry(session, message, smtputf8=smtputf8,
+                                     eight_bit=eight_bit)
+        if refusal is not None:
+            status, reason = refusal
+            outcome.results = [RecipientResult(i, "bounced", f"{where}: {reason}", status,
+                                               host.hostname) for i in range(len(recipients))]
+            await self.pool.give_back(key, session)
+            return True
+        params = []
+        if session.supports("SIZE"):
+            params.append(f"SIZE={len(message)}")
+        if eight_bit and session.supports("8BITMIME"):
+            params.append("BODY=8BITMIME")
+        if smtputf8:
+            params.append("SMTPUTF8")
+        try:
+            result = await session.send(sender, recipients, message, mail_params=params)
+        except SessionError as exc:
+            session.abort()
+            outcome.errors.append(f"{where}: {exc.reason}")
+            log.info("delivery to %s broke off: %s", where, exc.reason)
+            return False
+        if result.mail.transient:
+            outcome.errors.append(f"{where}: MAIL FROM refused: {result.mail}")
+            await self.pool.give_back(key, session)
+            return False
+        for index, reply in enumerate(result.recipients):
+            if reply.positive:
+                state, default = "delivered", "2.0.0"
+            elif reply.transient:
+                state, default = "deferred", "4.0.0"
+            else:
+                state, default = "bounced", "5.0.0"
+            outcome.results.append(RecipientResult(index, state, str(reply),
+                                                   _enhanced(reply, default), host.hostname,
+                                                   remote=True))
+        await self.pool.give_back(key, session)
+        return True
+
+    @staticmethod
+    def _cannot_carry(session: SmtpSession, message: bytes, *, smtputf8: bool,
+                      eight_bit: bool) -> tuple[str, str] | None:
+        if smtputf8 and not session.supports("SMTPUTF8"):
+            return "5.6.7", "the message needs SMTPUTF8, which the server does not offer"
+        if eight_bit and not session.supports("8BITMIME"):
+            return "5.6.3", "8-bit message text, and the server does not offer 8BITMIME"
+        limit = session.extensions.get("SIZE", "").strip()
+        if limit.isdigit() and int(limit) and len(message) > int(limit):
+            return "5.3.4", f"message of {len(message)} bytes is over the server's SIZE {limit}"
+        return None

@@ -1,0 +1,443 @@
+"""The queue runner: which (message, domain) to deliver when, with what concurrency, and what
+to do with each outcome (record it, call hooks, retry, bounce, expire).
+
+Rules:
+
+1. Work is a *job*: one message's recipients in one domain. Jobs wait in a heap ordered by
+   their next attempt; nothing scans the spool after startup.
+2. An outcome is recorded in the spool before a hook hears of it, and a bounce's DSN is in
+   the spool before its recipient is recorded as bounced: a crash may repeat a DSN, never
+   lose one.
+3. ``concurrency`` jobs run at once, at most ``domain_concurrency`` per domain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from harakapy.clock import Clock
+from harakapy.dns import Resolver
+from harakapy.inbound.connection import Transaction, new_id
+from harakapy.outbound import mx as mx_module
+from harakapy.outbound.bounce import Failure, build_dsn
+from harakapy.outbound.delivery import Delivery, Outcome, RecipientResult
+from harakapy.outbound.mx import MxError, MxHost
+from harakapy.outbound.settings import OutboundSettings
+from harakapy.results import Result
+from harakapy.spool.store import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    QueuedMessage,
+    Spool,
+    SpoolError,
+    apply_event,
+)
+
+if TYPE_CHECKING:
+    from harakapy.server import Server
+
+log = logging.getLogger("harakapy.outbound")
+
+
+@dataclass(slots=True)
+class Job:
+    message_id: str
+    domain: str
+    due: float
+    cancelled: bool = False
+
+
+class OutboundQueue:
+    """The spool plus the runner that empties it.
+
+    :param server: For hooks, ``me`` and settings; the runner reads them at each use, so a
+        SIGHUP reload applies to the next delivery.
+    :param spool: The spool directory.
+    :param clock: Where time comes from (tests move it).
+    """
+
+    def __init__(self, server: Server, spool: Spool, *, clock: Clock | None = None) -> None:
+        self.server = server
+        self.spool = spool
+        self.clock = clock or Clock()
+        self._heap: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._jobs: dict[tuple[str, str], Job] = {}
+        self._open_domains: dict[str, set[str]] = {}  # message id -> domains not done
+        self._waiting: dict[str, list[Job]] = {}
+        self._active_domains: dict[str, int] = {}
+        self._active = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+        self._delivery: Delivery | None = None
+        self._resolver_for: object = None
+
+    # -- settings that follow reloads -----------------------------------------------------
+
+    @property
+    def settings(self) -> OutboundSettings:
+        return self.server.config.derive("outbound.settings", OutboundSettings.from_config)
+
+    @property
+    def delivery(self) -> Delivery:
+        config = self.server.config
+        if self._delivery is None or self._resolver_for is not config:
+            resolver = config.derive("outbound.resolver", Resolver.from_config)
+            old = self._delivery
+            self._delivery = Delivery(self.settings, resolver, self.server.me)
+            if old is not None:
+                self._delivery.pool = old.pool  # idle sessions survive a reload
+                old.pool.settings = self.settings
+            self._resolver_for = config
+        return self._delivery
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover the spool (the only full scan) and start delivering."""
+        self.spool.create()
+        count = await asyncio.to_thread(self._recover)
+        log.info("spool %s: %d message(s) queued", self.spool.root, count)
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    def _recover(self) -> int:
+        count = 0
+        for tmp in self.spool.tmp_dir.iterdir():
+            tmp.unlink(missing_ok=True)  # never acknowledged: the client still has it
+        for message_id in list(self.spool.ids()):
+            try:
+                message = self.spool.load(message_id)
+            except SpoolError as exc:
+                log.error("skipping unreadable spool entry: %s", exc)
+                continue
+            domains = message.domains()
+            if not domains:
+                self.spool.remove(message_id)
+                continue
+            count += 1
+            self._open_domains[message_id] = set(domains)
+            for domain in domains:
+                self._schedule(message_id, domain, message.next_attempt.get(domain, 0.0))
+        return count
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._delivery is not None:
+            await self._delivery.pool.close()
+
+    # -- entering the queue ---------------------------------------------------------------
+
+    async def enqueue(self, transaction: Transaction) -> QueuedMessage:
+        """Store a received message durably and schedule its delivery.
+
+        :raises SpoolError: it could not be stored; the client must hear 4xx.
+        """
+        assert transaction.message is not None
+        message = await asyncio.to_thread(
+            self.spool.accept, id=transaction.id, sender=transaction.sender.address,
+            recipients=[r.address for r in transaction.recipients],
+            message=transaction.message, smtputf8=transaction.smtputf8,
+            body_8bit=transaction.body_8bit, client=transaction.id)
+        await self._entered(message)
+        return message
+
+    async def inject(self, sender: str, recipients: list[str], message: bytes) -> QueuedMessage:
+        """Queue a message we made ourselves (a DSN)."""
+        queued = await asyncio.to_thread(
+            self.spool.accept, id=new_id(), sender=sender, recipients=recipients,
+            message=message, smtputf8=not all(r.isascii() for r in recipients))
+        await self._entered(queued)
+        return queued
+
+    async def _entered(self, message: QueuedMessage) -> None:
+        await self.server.plugins.call_all("init_outbound", message=message,
+                                           server=self.server)
+        domains = message.domains()
+        self._open_domains[message.id] = set(domains)
+        for domain in domains:
+            self._schedule(message.id, domain, 0.0)
+
+    def _schedule(self, message_id: str, domain: str, due: float) -> None:
+        job = Job(message_id, domain, due)
+        old = self._jobs.get((message_id, domain))
+        if old is not None:
+            old.cancelled = True
+        self._jobs[(message_id, domain)] = job
+        heapq.heappush(self._heap, (due, next(self._seq), job))
+        self._wake.set()
+
+    # -- operator commands ----------------------------------------------------------------
+
+    def flush(self, message_id: str | None = None) -> int:
+        """Make every waiting job (or those of one message) due now; how many."""
+        count = 0
+        for (mid, domain), job in list(self._jobs.items()):
+            if (message_id is None or mid == message_id) and not job.cancelled and \
+                    job.due > 0:
+                self._schedule(mid, domain, 0.0)
+                count += 1
+        return count
+
+    def delete(self, message_id: str) -> bool:
+        """Drop a message from the queue and the spool; whether it was there."""
+        found = False
+        for (mid, domain), job in list(self._jobs.items()):
+            if mid == message_id:
+                job.cancelled = True
+                del self._jobs[(mid, domain)]
+                found = True
+        self._open_domains.pop(message_id, None)
+        if (self.spool.msg_dir / message_id).exists():
+            found = True
+        self.spool.remove(message_id)
+        return found
+
+    def stats(self) -> dict[str, Any]:
+        return {"jobs": len(self._jobs), "active": self._active,
+                "messages": len(self._open_domains)}
+
+    # -- the runner -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            now = self.clock.time()
+            settings = self.settings
+            while self._heap and self._heap[0][0] <= now and \
+                    self._active < settings.concurrency:
+                _, _, job = heapq.heappop(self._heap)
+                if job.cancelled:
+                    continue
+                if self._active_domains.get(job.domain, 0) >= settings.domain_concurrency:
+                    self._waiting.setdefault(job.domain, []).append(job)
+                    continue
+                self._start(job)
+            await self.delivery.pool.expire()
+            self._wake.clear()
+            delay = 5.0
+            if self._heap and self._active < settings.concurrency:
+                delay = min(delay, max(0.0, self._heap[0][0] - now))
+            sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait([sleeper, waker], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                waker.cancel()
+
+    def _start(self, job: Job) -> None:
+        self._active += 1
+        self._active_domains[job.domain] = self._active_domains.get(job.domain, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._deliver_job(job))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t, job=job: self._finished(t, job))
+
+    def _finished(self, task: asyncio.Task[None], job: Job) -> None:
+        self._tasks.discard(task)
+        self._active -= 1
+        self._active_domains[job.domain] -= 1
+        if not self._active_domains[job.domain]:
+            del self._active_domains[job.domain]
+        waiting = self._waiting.get(job.domain)
+        if waiting:
+            next_job = waiting.pop(0)
+            if not waiting:
+                del self._waiting[job.domain]
+            heapq.heappush(self._heap, (0.0, next(self._seq), next_job))
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery of %s to %s failed unexpectedly", job.message_id,
+                      job.domain, exc_info=task.exception())
+            # Never lose it: try again later.
+            self._schedule(job.message_id, job.domain,
+                           self.clock.time() + self.settings.min_backoff)
+        self._wake.set()
+
+    async def _deliver_job(self, job: Job) -> None:
+        if self._jobs.get((job.message_id, job.domain)) is not job:
+            return
+        try:
+            message = await asyncio.to_thread(self.spool.load, job.message_id)
+        except SpoolError as exc:
+            log.error("cannot load %s: %s", job.message_id, exc)
+            self._jobs.pop((job.message_id, job.domain), None)
+            return
+        pending = message.pending(job.domain)
+        if not pending:
+            self._domain_done(message, job.domain)
+            return
+        settings = self.settings
+        lifetime = settings.bounce_lifetime if message.is_bounce else \
+            settings.max_queue_lifetime
+        indexes = [message.recipients.index(r) for r in pending]
+        try:
+            hosts = await self._hosts(message, job.domain)
+        except MxError as exc:
+            state = BOUNCED if exc.permanent else DEFERRED
+            outcome = Outcome([RecipientResult(i, state, exc.reason, exc.enhanced)
+                               for i in indexes], [exc.reason])
+            await self._apply(message, job, indexes, outcome, lifetime)
+            return
+        body = await asyncio.to_thread(message.read)
+        outcome = await self.delivery.attempt(
+            hosts, message.sender, [message.recipients[i].address for i in indexes], body,
+            smtputf8=message.smtputf8)
+        # attempt() numbers results by position in the list it was given.
+        for result in outcome.results:
+            result.index = indexes[result.index]
+        await self._apply(message, job, indexes, outcome, lifetime)
+
+    async def _hosts(self, message: QueuedMessage, domain: str) -> list[MxHost]:
+        answer = await self.server.plugins.call_first("get_mx", message=message, domain=domain,
+                                                      server=self.server)
+        if isinstance(answer, Result):  # a plugin failed: never guess a route
+            raise MxError(f"get_mx plugin failed for {domain}", permanent=False,
+                          enhanced="4.3.0")
+        if answer is not None:
+            return _routes(answer, self.settings.port)
+        return await mx_module.resolve(self.delivery.resolver, domain,
+                                       port=self.settings.port, me=[self.server.me])
+
+    async def _apply(self, message: QueuedMessage, job: Job, indexes: list[int],
+                     outcome: Outcome, lifetime: float) -> None:
+        """Record an attempt's outcome, tell the hooks, and schedule what remains."""
+        server, now = self.server, self.clock.time()
+        decided = {result.index: result for result in outcome.results}
+        reason = "; ".join(outcome.errors[-3:]) or "no host could be reached"
+        delivered = [r for r in outcome.results if r.state == DELIVERED]
+        bounced = [r for r in outcome.results if r.state == BOUNCED]
+        deferred = [r for r in outcome.results if r.state == DEFERRED]
+        undecided = [i for i in indexes if i not in decided]
+        expired = now - message.arrival >= lifetime
+        if expired:
+            # Out of time: what would be retried bounces now, with the last reason.
+            for result in deferred:
+                result.state, result.enhanced = BOUNCED, "5.4.7"
+                result.reply = f"delivery time expired; last error: {result.reply}"
+            bounced += deferred
+            deferred = []
+            bounced += [RecipientResult(i, BOUNCED, f"delivery time expired; last error: "
+                                        f"{reason}", "5.4.7") for i in undecided]
+            undecided = []
+
+        for result in delivered:
+            log.info("%s delivered to <%s> via %s: %s", message.id,
+                     message.recipients[result.index].address, result.mx, result.reply)
+        if delivered:
+            await self._record(message, {"rcpt": [r.index for r in delivered],
+                                         "state": DELIVERED, "mx": delivered[0].mx,
+                                         "reply": delivered[0].reply}, durable=True)
+            for result in delivered:
+                await server.plugins.call_all(
+                    "delivered", message=message,
+                    recipients=[message.recipients[result.index]], mx=result.mx,
+                    reply=result.reply, server=server)
+
+        if bounced:
+            await self._bounce(message, bounced)
+
+        retry = [r.index for r in deferred] + undecided
+        if retry:
+            attempts = message.attempts.get(job.domain, 0) + 1
+            next_attempt = now + self.settings.backoff(attempts)
+            why = "; ".join(sorted({r.reply for r in deferred})) or reason
+            log.info("%s deferred %d recipient(s) in %s until %.0fs from now: %s",
+                     message.id, len(retry), job.domain, next_attempt - now, why)
+            await self._record(message, {"rcpt": retry, "state": DEFERRED, "reply": why,
+                                         "domain": job.domain, "attempts": attempts,
+                                         "next": next_attempt, "error": why}, durable=False)
+            await server.plugins.call_all(
+                "deferred", message=message,
+                recipients=[message.recipients[i] for i in retry], reason=why,
+                next_attempt=next_attempt, server=server)
+            await self._maybe_warn(message, retry, why, lifetime)
+            if self._jobs.get((message.id, job.domain)) is job:
+                self._schedule(message.id, job.domain, next_attempt)
+            return
+        self._domain_done(message, job.domain)
+
+    async def _record(self, message: QueuedMessage, event: dict[str, Any], *,
+                      durable: bool) -> None:
+        if message.id not in self._open_domains:
+            return  # deleted by the operator meanwhile
+        await asyncio.to_thread(self.spool.record, message.id, event, durable=durable)
+        apply_event(message, event)
+
+    async def _bounce(self, message: QueuedMessage, bounced: list[RecipientResult]) -> None:
+        failures = [Failure(message.recipients[r.index].address, r.enhanced or "5.0.0",
+                            r.reply, r.mx, r.remote) for r in bounced]
+        for failure in failures:
+            log.info("%s bounced <%s>: %s %s", message.id, failure.recipient, failure.status,
+                     failure.diagnostic)
+        recipients = [message.recipients[r.index] for r in bounced]
+        if not message.is_bounce:
+            dsn = await asyncio.to_thread(build_dsn, message, failures, me=self.server.me)
+            answer = await self.server.plugins.call_first(
+                "bounce", message=message, recipients=recipients, dsn=dsn, server=self.server)
+            if isinstance(answer, bytes):
+                dsn = answer
+            if isinstance(answer, Result) and not answer.is_ok:
+                # A plugin failed while judging the bounce: keep the recipients queued
+                # rather than lose the notice.
+                raise RuntimeError("bounce hook failed")
+            if answer is None or isinstance(answer, bytes):
+                queued = await self.inject("", [message.sender], dsn)
+                log.info("%s DSN queued as %s for <%s>", message.id, queued.id,
+                         message.sender)
+        else:
+            log.warning("%s is itself a bounce: dropping it (no errors about errors)",
+                        message.id)
+        await self._record(message, {"rcpt": [r.index for r in bounced], "state": BOUNCED,
+                                     "reply": "; ".join(f.diagnostic for f in failures)[:500],
+                                     "enhanced": failures[0].status}, durable=True)
+
+    async def _maybe_warn(self, message: QueuedMessage, retry: list[int], why: str,
+                          lifetime: float) -> None:
+        warning = self.settings.delay_warning
+        if (not warning or message.warned or message.is_bounce
+                or self.clock.time() - message.arrival < warning):
+            return
+        failures = [Failure(message.recipients[i].address, "4.4.7", why) for i in retry]
+        dsn = await asyncio.to_thread(build_dsn, message, failures, me=self.server.me,
+                                      delayed=True, retry_until=message.arrival + lifetime)
+        await self.inject("", [message.sender], dsn)
+        await self._record(message, {"warned": True}, durable=True)
+
+    def _domain_done(self, message: QueuedMessage, domain: str) -> None:
+        self._jobs.pop((message.id, domain), None)
+        domains = self._open_domains.get(message.id)
+        if domains is None:
+            return
+        domains.discard(domain)
+        if not domains:
+            del self._open_domains[message.id]
+            self.spool.remove(message.id)
+            log.info("%s done: removed from the spool", message.id)
+
+
+def _routes(answer: object, port: int) -> list[MxHost]:
+    """A ``get_mx`` answer as hosts: an MxHost, ``"host"``, ``"host:port"``, or a list."""
+    items = answer if isinstance(answer, list | tuple) else [answer]
+    hosts = []
+    for item in items:
+        if isinstance(item, MxHost):
+            hosts.append(item)
+        elif isinstance(item, str):
+            host, _, number = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+            hosts.append(MxHost(host.strip("[]"), 0, int(number) if number else port))
+        else:
+            raise MxError(f"get_mx returned {item!r}", permanent=False, enhanced="4.3.0")
+    return hosts

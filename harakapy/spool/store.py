@@ -1,0 +1,293 @@
+"""The durable outbound spool: one file per message, one append-only journal per message.
+
+Rules:
+
+1. A message is in ``msg/`` (written to ``tmp/``, fsynced, renamed, directory fsynced)
+   before :meth:`Spool.accept` returns, so before the client hears ``250``.
+2. ``msg/<id>`` never changes after that: a JSON envelope line, then the message bytes.
+3. What happens to recipients is appended to ``log/<id>`` (one JSON object per line) and
+   fsynced before anything acts on it; a torn last line (a crash mid-append) is ignored.
+4. When every recipient is delivered or bounced, ``msg/<id>`` goes first, then the log.
+5. Only startup reads the whole spool (:meth:`Spool.recover`); a delivery reads its own
+   message.
+
+This module knows files, fsync and the record formats. It does not know SMTP or schedules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harakapy.inbound.address import Address
+
+PENDING = "pending"
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+BOUNCED = "bounced"
+FINAL = frozenset({DELIVERED, BOUNCED})
+
+
+class SpoolError(Exception):
+    """The spool cannot be read or written (disk full, permissions, a corrupt file)."""
+
+
+@dataclass(slots=True)
+class QueuedRecipient:
+    """One recipient of a queued message and what became of it."""
+
+    address: str
+    domain: str
+    state: str = PENDING
+    reply: str = ""
+    enhanced: str = ""
+    mx: str = ""
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    """A message in the spool, as hooks see it (``message``): envelope and recipient states.
+
+    The message text stays on disk; :meth:`read` loads it.
+    """
+
+    id: str
+    sender: str
+    recipients: list[QueuedRecipient]
+    arrival: float
+    size: int
+    smtputf8: bool = False
+    body_8bit: bool = False
+    client: str = ""
+    path: Path | None = None
+    body_offset: int = 0
+    attempts: dict[str, int] = field(default_factory=dict)
+    next_attempt: dict[str, float] = field(default_factory=dict)
+    last_error: dict[str, str] = field(default_factory=dict)
+    warned: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sender_address(self) -> Address:
+        local, _, domain = self.sender.rpartition("@")
+        return Address(local, domain.lower()) if self.sender else Address("", "")
+
+    @property
+    def is_bounce(self) -> bool:
+        """A DSN we generated (null sender): never bounced itself."""
+        return not self.sender
+
+    def domains(self) -> list[str]:
+        """Destination domains that still have recipients to deliver, in first-seen order."""
+        return list(dict.fromkeys(r.domain for r in self.recipients if not r.is_final))
+
+    def pending(self, domain: str) -> list[QueuedRecipient]:
+        return [r for r in self.recipients if r.domain == domain and not r.is_final]
+
+    def read(self) -> bytes:
+        """The message as received (our ``Received:`` first, CRLF line ends)."""
+        if self.path is None:
+            raise SpoolError(f"{self.id}: no message file")
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.body_offset)
+                return handle.read()
+        except OSError as exc:
+            raise SpoolError(f"cannot read {self.path}: {exc.strerror}") from exc
+
+    def read_headers(self, limit: int = 65536) -> bytes:
+        """The header section (at most ``limit`` bytes), for DSNs and ``queue show``."""
+        if self.path is None:
+            return b""
+        with self.path.open("rb") as handle:
+            handle.seek(self.body_offset)
+            head = handle.read(limit)
+        return head.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The spool directory.
+
+    :param root: ``DIR/queue``; created (mode 0700) when missing.
+    :param fsync: Whether to fsync. Only tests of other things may turn it off; with it
+        off a crash loses mail.
+    """
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.tmp_dir = root / "tmp"
+        self.msg_dir = root / "msg"
+        self.log_dir = root / "log"
+
+    def create(self) -> None:
+        try:
+            for folder in (self.root, self.tmp_dir, self.msg_dir, self.log_dir):
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool {self.root}: {exc.strerror}") from exc
+
+    # -- writing ------------------------------------------------------------------------
+
+    def accept(self, *, id: str, sender: str, recipients: list[str], message: bytes,
+               smtputf8: bool = False, body_8bit: bool = False, client: str = "",
+               arrival: float | None = None) -> QueuedMessage:
+        """Store a message durably; when this returns, it survives ``kill -9``.
+
+        :param recipients: Forward paths (``local@domain``), in order.
+        :raises SpoolError: when it could not be stored (the client must hear 4xx).
+        """
+        arrival = time.time() if arrival is None else arrival
+        envelope = {
+            "v": 1, "id": id, "sender": sender, "recipients": recipients,
+            "arrival": arrival, "size": len(message), "smtputf8": smtputf8,
+            "body_8bit": body_8bit, "client": client,
+        }
+        head = json.dumps(envelope, ensure_ascii=False).encode() + b"\n"
+        final = self.msg_dir / id
+        tmp = self.tmp_dir / id
+        try:
+            if final.exists():
+                raise SpoolError(f"{id} is already in the spool")
+            with tmp.open("wb") as handle:
+                handle.write(head)
+                handle.write(message)
+                handle.flush()
+                if self.fsync:
+                    os.fsync(handle.fileno())
+            os.rename(tmp, final)
+            if self.fsync:
+                _fsync_dir(self.msg_dir)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SpoolError(f"cannot write {final}: {exc.strerror}") from exc
+        return QueuedMessage(
+            id=id, sender=sender,
+            recipients=[QueuedRecipient(r, r.rpartition("@")[2].lower()) for r in recipients],
+            arrival=arrival, size=len(message), smtputf8=smtputf8, body_8bit=body_8bit,
+            client=client, path=final, body_offset=len(head))
+
+    def record(self, message_id: str, event: dict[str, Any], *, durable: bool = True) -> None:
+        """Append one event to the message's journal.
+
+        :param durable: fsync before returning. Outcomes that stop a re-send (delivered,
+            bounced) must be durable; a deferral's schedule need not be.
+        """
+        line = json.dumps({"t": round(time.time(), 3), **event}, ensure_ascii=False)
+        path = self.log_dir / message_id
+        try:
+            with path.open("ab") as handle:
+                handle.write(line.encode() + b"\n")
+                handle.flush()
+                if durable and self.fsync:
+                    os.fsync(handle.fileno())
+        except OSError as exc:
+            raise SpoolError(f"cannot write {path}: {exc.strerror}") from exc
+
+    def remove(self, message_id: str) -> None:
+        """Forget a message whose recipients are all final (or that an operator deleted)."""
+        for path in (self.msg_dir / message_id, self.log_dir / message_id):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def ids(self) -> Iterator[str]:
+        try:
+            with os.scandir(self.msg_dir) as entries:
+                for entry in entries:
+                    if entry.is_file():
+                        yield entry.name
+        except FileNotFoundError:
+            return
+
+    def load(self, message_id: str) -> QueuedMessage:
+        """The message's envelope with its journal applied.
+
+        :raises SpoolError: no such message, or its envelope is unreadable.
+        """
+        path = self.msg_dir / message_id
+        try:
+            with path.open("rb") as handle:
+                head = handle.readline(1 << 20)
+        except FileNotFoundError:
+            raise SpoolError(f"no message {message_id} in {self.msg_dir}") from None
+        except OSError as exc:
+            raise SpoolError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            envelope = json.loads(head)
+            message = QueuedMessage(
+                id=envelope["id"], sender=envelope["sender"],
+                recipients=[QueuedRecipient(r, r.rpartition("@")[2].lower())
+                            for r in envelope["recipients"]],
+                arrival=float(envelope["arrival"]), size=int(envelope["size"]),
+                smtputf8=bool(envelope.get("smtputf8")),
+                body_8bit=bool(envelope.get("body_8bit")), client=envelope.get("client", ""),
+                path=path, body_offset=len(head))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpoolError(f"{path}: corrupt envelope ({exc})") from exc
+        self._apply_log(message)
+        return message
+
+    def _apply_log(self, message: QueuedMessage) -> None:
+        path = self.log_dir / message.id
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a crash mid-append: it was never acted on
+            if not isinstance(event, dict):
+                continue
+            message.history.append(event)
+            apply_event(message, event)
+
+
+def apply_event(message: QueuedMessage, event: dict[str, Any]) -> None:
+    """Fold one journal event into the message's state (also used live, after writing)."""
+    state = event.get("state")
+    if state in (DELIVERED, BOUNCED, DEFERRED):
+        for index in event.get("rcpt", []):
+            if 0 <= index < len(message.recipients):
+                recipient = message.recipients[index]
+                if recipient.is_final:
+                    continue
+                recipient.state = state
+                recipient.reply = event.get("reply", "")
+                recipient.enhanced = event.get("enhanced", "")
+                recipient.mx = event.get("mx", "")
+    domain = event.get("domain")
+    if domain is not None:
+        if "next" in event:
+            message.next_attempt[domain] = float(event["next"])
+        if "attempts" in event:
+            message.attempts[domain] = int(event["attempts"])
+        if "error" in event:
+            message.last_error[domain] = str(event["error"])
+    if event.get("flush"):
+        message.next_attempt.clear()
+    if event.get("warned"):
+        message.warned = True
