@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError
 from harakapy.dns import Resolver
 from harakapy.inbound.protocol import SmtpProtocol
@@ -62,11 +63,13 @@ class Server:
     """What plugins get as ``server``: ``config``, ``settings``, ``me``, ``notes``.
 
     :param config: A loaded config (see :meth:`Config.load`).
+    :param clock: Time for the queue's schedules (tests pass one they move).
     :raises ConfigError: when the config or a plugin is wrong.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
         self._state = _build_state(config)
+        self.clock = clock or Clock()
         self.notes: dict[str, Any] = {}
         self.connections: set[SmtpProtocol] = set()
         self.draining = False
@@ -161,7 +164,7 @@ class Server:
     async def _start_outbound(self) -> None:
         settings = OutboundSettings.from_config(self.config)
         spool = Spool(self.config.queue_dir(), fsync=settings.fsync)
-        self.outbound = OutboundQueue(self, spool)
+        self.outbound = OutboundQueue(self, spool, clock=self.clock)
         try:
             await self.outbound.start()
         except (SpoolError, OSError) as exc:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harakapy.clock import Clock
 from harakapy.config import Config
 from harakapy.server import Server
 
@@ -73,9 +74,34 @@ class Running:
         return self.server.notes.setdefault("captured", [])
 
 
+class ManualClock(Clock):
+    """A clock that moves only when the test says so (``advance``)."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, future))
+        try:
+            await future
+        finally:
+            self._sleepers = [(t, f) for t, f in self._sleepers if f is not future]
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for deadline, future in self._sleepers:
+            if deadline <= self.now and not future.done():
+                future.set_result(None)
+
+
 @asynccontextmanager
-async def running_server(root: Path) -> AsyncIterator[Running]:
-    server = Server(Config.load(root))
+async def running_server(root: Path, *, clock: Clock | None = None) -> AsyncIterator[Running]:
+    server = Server(Config.load(root), clock=clock)
     await server.start()
     running = Running(server, root, [address.port for address, _ in server.listeners])
     try:
@@ -166,3 +192,10 @@ async def sendmail(port: int, sender: str, recipients: list[str], message: bytes
             return smtp.sendmail(sender, recipients, message)
 
     return await asyncio.to_thread(send)
+
+
+async def eventually(check, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Wait until ``check()`` is true (polling the real event loop, not sleeping a guess)."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(interval)

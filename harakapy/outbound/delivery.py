@@ -102,7 +102,6 @@ def _opportunistic_context() -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # "may" authenticates no one, as in Postfix
-    context.minimum_version = ssl.TLSVersion.TLSv1
     with contextlib.suppress(ssl.SSLError):
         context.set_ciphers("DEFAULT:@SECLEVEL=0")  # any encryption beats plaintext here
     return context

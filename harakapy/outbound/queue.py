@@ -152,7 +152,8 @@ class OutboundQueue:
             self.spool.accept, id=transaction.id, sender=transaction.sender.address,
             recipients=[r.address for r in transaction.recipients],
             message=transaction.message, smtputf8=transaction.smtputf8,
-            body_8bit=transaction.body_8bit, client=transaction.id)
+            body_8bit=transaction.body_8bit, client=transaction.id,
+            arrival=self.clock.time())
         await self._entered(message)
         return message
 
@@ -160,7 +161,8 @@ class OutboundQueue:
         """Queue a message we made ourselves (a DSN)."""
         queued = await asyncio.to_thread(
             self.spool.accept, id=new_id(), sender=sender, recipients=recipients,
-            message=message, smtputf8=not all(r.isascii() for r in recipients))
+            message=message, smtputf8=not all(r.isascii() for r in recipients),
+            arrival=self.clock.time())
         await self._entered(queued)
         return queued
 
@@ -215,6 +217,17 @@ class OutboundQueue:
 
     async def _run(self) -> None:
         while not self._stopping:
+            try:
+                await self._run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The runner must outlive any one bad job or config; log and go on.
+                log.exception("queue runner error")
+                await asyncio.sleep(1.0)
+
+    async def _run_once(self) -> None:
+        if True:
             now = self.clock.time()
             settings = self.settings
             while self._heap and self._heap[0][0] <= now and \

@@ -1,0 +1,94 @@
+"""Receiving mail servers for outbound tests: real aiosmtpd servers on 127.0.0.x.
+
+A ReceivingMTA answers each recipient by a rule the test sets, records every message and
+whether TLS was up when it arrived, and counts connections (to see connection reuse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+    mail_options: list[str]
+    peer: str
+
+
+@dataclass
+class ReceivingMTA:
+    """``async with ReceivingMTA("127.0.0.2", port) as mta`` runs a receiver.
+
+    :param rcpt_reply: ``address -> reply`` (``None`` accepts).
+    :param data_reply: ``() -> reply`` after the message (``None`` accepts).
+    :param cert: ``(cert_path, key_path)`` to offer STARTTLS.
+    :param extensions: extra EHLO keywords; ``drop`` removes keywords (e.g. ``8BITMIME``).
+    """
+
+    host: str
+    port: int
+    rcpt_reply: Callable[[str], str | None] = lambda address: None
+    data_reply: Callable[[], str | None] = lambda: None
+    cert: tuple[str, str] | None = None
+    extensions: tuple[str, ...] = ("PIPELINING",)
+    drop: tuple[str, ...] = ()
+    smtputf8: bool = True
+    messages: list[Received] = field(default_factory=list)
+    connections: int = 0
+    commands: list[str] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ReceivingMTA:
+        context = None
+        if self.cert is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.cert)
+        mta = self
+
+        class Handler:
+            async def handle_EHLO(self, server, session, envelope, hostname, responses):
+                session.host_name = hostname
+                keep = [r for r in responses[:-1]
+                        if not any(r[4:].upper().startswith(d) for d in mta.drop)]
+                return keep + [f"250-{e}" for e in mta.extensions] + [responses[-1]]
+
+            async def handle_RCPT(self, server, session, envelope, address, options):
+                mta.commands.append(f"RCPT {address}")
+                reply = mta.rcpt_reply(address)
+                if reply is not None:
+                    return reply
+                envelope.rcpt_tos.append(address)
+                return "250 2.1.5 OK"
+
+            async def handle_DATA(self, server, session: Session, envelope: Envelope):
+                reply = mta.data_reply()
+                if reply is not None:
+                    return reply
+                mta.messages.append(Received(
+                    envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                    session.ssl is not None, list(envelope.mail_options),
+                    session.peer[0]))
+                return "250 2.0.0 Ok: stored"
+
+        def factory() -> SMTP:
+            mta.connections += 1
+            return SMTP(Handler(), tls_context=context, enable_SMTPUTF8=mta.smtputf8,
+                        hostname=f"mx-{mta.host}", ident="test")
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(factory, self.host, self.port,
+                                                reuse_address=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()

@@ -1,0 +1,231 @@
+"""The outbound queue end to end: client -> harakapy -> receiving servers on 127.0.0.x, with
+MX records from a real DNS server on loopback and time moved by the test."""
+
+from __future__ import annotations
+
+import email
+import socket
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import pytest
+
+from tests.dns_server import DnsServer
+from tests.harness import ManualClock, Running, eventually, running_server, sendmail
+from tests.servers import ReceivingMTA
+
+ZONE = """
+$TTL 300
+@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300
+@ NS ns.test.
+dest.test. MX 10 mx1.dest.test.
+dest.test. MX 20 mx2.dest.test.
+mx1.dest.test. A 127.0.0.2
+mx2.dest.test. A 127.0.0.3
+sender.test. MX 10 mx.sender.test.
+mx.sender.test. A 127.0.0.4
+other.test. MX 10 mx.other.test.
+mx.other.test. A 127.0.0.5
+implicit.test. A 127.0.0.5
+nullmx.test. MX 0 .
+flaky.test. MX 10 mx1.dest.test.
+"""
+
+
+def free_port_on_all() -> int:
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+            port = probe.getsockname()[1]
+        try:
+            for last in (3, 4, 5):
+                with socket.socket() as other:
+                    other.bind((f"127.0.0.{last}", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+@dataclass
+class Env:
+    hp: Running
+    dns: DnsServer
+    clock: ManualClock
+    port: int
+    stack: AsyncExitStack
+
+    async def mta(self, host: str, **options) -> ReceivingMTA:
+        return await self.stack.enter_async_context(ReceivingMTA(host, self.port, **options))
+
+    async def send(self, recipients: list[str], body: bytes = b"Subject: t\r\n\r\nhello\r\n",
+                   sender: str = "alice@sender.test") -> None:
+        await sendmail(self.hp.port, sender, recipients, body)
+
+    def spooled(self) -> list[str]:
+        return sorted(p.name for p in (self.hp.root / "queue" / "msg").iterdir())
+
+    async def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+
+@pytest.fixture
+async def env(config_dir):
+    dns = await DnsServer(ZONE).start()
+    dns.servfail.add("flaky.test")
+    port = free_port_on_all()
+    root = config_dir({
+        "me": "harakapy.test\n",
+        "plugins": "relay\n",
+        "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dns.port}\ntimeout = 1\n",
+        "outbound.ini": f"[main]\nport = {port}\nmin_backoff = 60\nmax_backoff = 600\n"
+                        "max_queue_lifetime = 1h\nconnect_timeout = 2\ncommand_timeout = 5\n",
+    })
+    clock = ManualClock()
+    async with AsyncExitStack() as stack:
+        hp = await stack.enter_async_context(running_server(root, clock=clock))
+        yield Env(hp, dns, clock, port, stack)
+    dns.close()
+
+
+def dsn_of(received) -> email.message.Message:
+    return email.message_from_bytes(received.data)
+
+
+async def test_relay_delivers_to_the_best_mx(env):
+    mx1 = await env.mta("127.0.0.2")
+    await env.send(["bob@dest.test"])
+    await eventually(lambda: mx1.messages)
+    (got,) = mx1.messages
+    assert got.sender == "alice@sender.test" and got.recipients == ["bob@dest.test"]
+    assert got.data.startswith(b"Received: from ")
+    assert got.data.endswith(b"Subject: t\r\n\r\nhello\r\n")
+    await eventually(lambda: env.spooled() == [])  # done: gone from the spool
+
+
+async def test_unreachable_first_mx_falls_back_to_the_second(env):
+    mx2 = await env.mta("127.0.0.3")  # nothing listens on 127.0.0.2
+    await env.send(["bob@dest.test"])
+    await eventually(lambda: mx2.messages)
+
+
+async def test_implicit_mx_uses_the_domains_address(env):
+    mta = await env.mta("127.0.0.5")
+    await env.send(["x@implicit.test"])
+    await eventually(lambda: mta.messages)
+
+
+async def test_partial_recipient_failure(env):
+    rules = {"perm@dest.test": "550 5.1.1 no such user", "temp@dest.test": "451 4.2.0 busy"}
+    mx1 = await env.mta("127.0.0.2", rcpt_reply=rules.get)
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["ok@dest.test", "perm@dest.test", "temp@dest.test"])
+    await eventually(lambda: mx1.messages and sender_mx.messages)
+    assert mx1.messages[0].recipients == ["ok@dest.test"]
+    (bounce,) = sender_mx.messages
+    assert bounce.sender == "<>" and bounce.recipients == ["alice@sender.test"]
+    report = dsn_of(bounce)
+    assert report.get_content_type() == "multipart/report"
+    status = report.get_payload()[1].get_payload()
+    text = "\n".join(str(part) for part in status)
+    assert "Final-Recipient: rfc822; perm@dest.test" in text
+    assert "Status: 5.1.1" in text and "Action: failed" in text
+    assert "temp@dest.test" not in text
+    assert len(env.spooled()) == 1  # temp@ still queued
+    # The deferred recipient succeeds on the retry: delivered once, nothing else re-sent.
+    rules.pop("temp@dest.test")
+    await env.advance(61)
+    await eventually(lambda: len(mx1.messages) == 2)
+    assert mx1.messages[1].recipients == ["temp@dest.test"]
+    await eventually(lambda: env.spooled() == [])
+    assert len(sender_mx.messages) == 1
+
+
+async def test_temporary_failure_then_success_on_retry_delivers_once(env):
+    replies = ["451 4.3.0 try later"]
+    mx1 = await env.mta("127.0.0.2", data_reply=lambda: replies.pop() if replies else None)
+    await env.send(["bob@dest.test"])
+    await eventually(lambda: mx1.connections >= 1 and not replies)
+    queued = env.spooled()
+    assert len(queued) == 1
+    assert mx1.messages == []
+    await env.advance(30)  # not yet due
+    assert mx1.messages == []
+    await env.advance(31)
+    await eventually(lambda: len(mx1.messages) == 1)
+    await eventually(lambda: env.spooled() == [])
+
+
+async def test_null_mx_bounces_at_once_without_connecting(env):
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["x@nullmx.test"])
+    await eventually(lambda: sender_mx.messages)
+    text = sender_mx.messages[0].data.decode()
+    assert "Status: 5.1.10" in text and "null MX" in text
+
+
+async def test_nxdomain_bounces_and_servfail_defers(env):
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["x@nowhere.test"])
+    await eventually(lambda: sender_mx.messages)
+    assert "Status: 5.1.2" in sender_mx.messages[0].data.decode()
+    await env.send(["x@flaky.test"])
+    await eventually(lambda: any(q[0] == "flaky.test" for q in env.dns.queries))
+    await eventually(lambda: len(env.spooled()) == 1)
+    assert len(sender_mx.messages) == 1  # deferred, not bounced
+
+
+async def test_expiry_bounces_with_the_last_error(env):
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["bob@dest.test"])  # no MX listens: deferred
+    await eventually(lambda: len(env.spooled()) == 1)
+    for _ in range(12):  # past the 1h lifetime in back-off steps
+        await env.advance(600)
+        await eventually(lambda: True)
+    await eventually(lambda: sender_mx.messages, timeout=20)
+    text = sender_mx.messages[0].data.decode()
+    assert "Status: 5.4.7" in text and "delivery time expired" in text
+    await eventually(lambda: env.spooled() == [])
+
+
+async def test_no_bounce_to_the_null_sender(env):
+    await env.mta("127.0.0.2", rcpt_reply=lambda a: "550 5.1.1 nope")
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["bob@dest.test"], sender="")
+    await eventually(lambda: env.spooled() == [])
+    assert sender_mx.messages == []
+
+
+async def test_connection_reuse_for_several_messages(env):
+    mx1 = await env.mta("127.0.0.2")
+    for n in range(5):
+        await env.send(["bob@dest.test"], body=f"Subject: {n}\r\n\r\nx\r\n".encode())
+    await eventually(lambda: len(mx1.messages) == 5)
+    assert mx1.connections < 5
+
+
+async def test_8bit_message_to_a_server_without_8bitmime_bounces(env):
+    mx1 = await env.mta("127.0.0.2", drop=("8BITMIME",))
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["bob@dest.test"], body="Subject: x\r\n\r\nGrüße\r\n".encode())
+    await eventually(lambda: sender_mx.messages)
+    assert "Status: 5.6.3" in sender_mx.messages[0].data.decode()
+    assert mx1.messages == []
+
+
+async def test_pipelining_and_8bitmime_are_used_when_offered(env):
+    mx1 = await env.mta("127.0.0.2")
+    await env.send(["bob@dest.test", "carol@dest.test"], body="Subject: ü\r\n\r\nü\r\n".encode())
+    await eventually(lambda: mx1.messages)
+    assert "BODY=8BITMIME" in mx1.messages[0].mail_options
+    assert mx1.messages[0].recipients == ["bob@dest.test", "carol@dest.test"]
+
+
+async def test_one_message_to_two_domains_is_split(env):
+    mx1 = await env.mta("127.0.0.2")
+    other = await env.mta("127.0.0.5")
+    await env.send(["bob@dest.test", "eve@other.test"])
+    await eventually(lambda: mx1.messages and other.messages)
+    assert mx1.messages[0].recipients == ["bob@dest.test"]
+    assert other.messages[0].recipients == ["eve@other.test"]
+    await eventually(lambda: env.spooled() == [])
