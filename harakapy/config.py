@@ -15,6 +15,7 @@ This module knows file formats and Haraka's typing. It does not know what any ke
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -28,6 +29,16 @@ T = TypeVar("T")
 
 TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+
+
+_DEBRIS_SUFFIXES = (".swp", ".swo", ".swx", ".bak", ".orig", ".rej", ".tmp", ".dpkg-old",
+                    ".dpkg-new", ".dpkg-dist", ".rpmnew", ".rpmsave")
+
+
+def _is_editor_debris(name: str) -> bool:
+    # Editors and package managers leave these beside the files an operator edits; a
+    # reload must not trip over vim's swap file.
+    return name.startswith(".") or name.endswith("~") or name.endswith(_DEBRIS_SUFFIXES)
 
 
 class ConfigError(Exception):
@@ -262,11 +273,15 @@ class Config:
         config._snapshot = set()
         if config.config_dir is not None and config.config_dir.is_dir():
             for path in sorted(config.config_dir.iterdir()):
-                if path.is_file():
-                    config._snapshot.add(path.name)
-                    if path.suffix == ".ini":
-                        config.ini(path.name)
-                    else:
+                if not path.is_file() or _is_editor_debris(path.name):
+                    continue
+                config._snapshot.add(path.name)
+                if path.suffix == ".ini":
+                    config.ini(path.name)
+                else:
+                    # A binary file (a DER certificate, say) is fine until something reads
+                    # it as config; then that read names it.
+                    with contextlib.suppress(ConfigError):
                         config.list(path.name)
         return config
 

@@ -44,7 +44,9 @@ def startup(server: Server) -> None:
 @hookspec
 def config_reload(server: Server) -> None:
     """Called after SIGHUP re-read the config directory, with ``server.config`` already the
-    new config and the plugins freshly imported, before the new config takes over.
+    new config and plugin files (``DIR/plugins``, the shipped ones) freshly imported,
+    before the new config takes over. Plugins from installed packages (entry points) are
+    not re-imported: upgrading one needs a restart.
 
     Raise :class:`~harakapy.config.ConfigError` to refuse the new config: the server logs
     why and keeps running on the old one.

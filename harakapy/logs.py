@@ -49,5 +49,6 @@ def setup(fmt: str = "text", level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiosmtpd logs every command at INFO; our own lines say what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command at INFO and warns about its own deprecated attributes on
+    # each AUTH; our own lines say what matters.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

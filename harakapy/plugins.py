@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import logging
 import re
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import pluggy
 
 from harakapy import hookspecs, shipped
 from harakapy.config import Config, ConfigError, Entry
+from harakapy.outbound.mx import MxHost
 from harakapy.results import Result, denysoft
 
 log = logging.getLogger("harakapy.plugins")
@@ -54,6 +56,13 @@ def _decision_hooks() -> frozenset[str]:
 
 
 DECISION_HOOKS = _decision_hooks()
+
+# What each decision hook may answer besides None; a Result everywhere else.
+_ANSWER_TYPES: dict[str, tuple[type, ...]] = {
+    "inbound_tls": (ssl.SSLContext,),
+    "get_mx": (Result, MxHost, str, list, tuple),
+    "bounce": (Result, bytes),
+}
 
 
 def _import_file(name: str, path: Path, generation: int) -> ModuleType:
@@ -89,6 +98,7 @@ class PluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: list[LoadedPlugin] = []
         self.position: dict[str, int] = {}
+        self.entries: dict[str, Entry] = {}
         self._impls: dict[str, list[Any]] = {}
 
     @classmethod
@@ -114,7 +124,10 @@ class PluginManager:
         return places
 
     def _load_one(self, entry: Entry, generation: int) -> None:
-        name = entry.value.split()[0]
+        name, *extra = entry.value.split()
+        if extra:
+            raise entry.error(name, f"unexpected text after the plugin name: {' '.join(extra)!r}"
+                                    " (one plugin per line)")
         if not _NAME.match(name):
             raise entry.error(name, "not a plugin name (letters, digits, '_', '.', '-', '/')")
         if name in self.position:
@@ -155,17 +168,26 @@ class PluginManager:
                     raise entry.error(plugin.name, f"hook {impl.name}: wrappers are not "
                                                    "supported; use a plain @hookimpl")
         self.position[plugin.name] = len(self.plugins)
+        self.entries[plugin.name] = entry
         self.plugins.append(plugin)
 
     def _check(self) -> None:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            plugin_name = self.pm.get_name(exc.plugin) if exc.plugin else None
-            path = self.config.operator_path("plugins") or self.config.shipped_path("plugins")
-            raise ConfigError(path or "config/plugins", 0, plugin_name,
-                              f"{exc} (known hooks: {', '.join(sorted(self.hook_names()))})"
-                              ) from exc
+            name = self.pm.get_name(exc.plugin) if exc.plugin else None
+            hook = re.search(r"unknown hook '(\w+)'", str(exc))
+            reason = (f"hook {hook.group(1)!r} does not exist" if hook else str(exc))
+            known = ", ".join(sorted(self.hook_names()))
+            raise self.error(name, f"{reason} (known hooks: {known})") from exc
+
+    def error(self, plugin_name: str | None, reason: str) -> ConfigError:
+        """A :class:`ConfigError` pointing at the plugin's line in ``config/plugins``."""
+        entry = self.entries.get(plugin_name or "")
+        if entry is not None:
+            return entry.error(plugin_name, reason)
+        path = self.config.operator_path("plugins") or self.config.shipped_path("plugins")
+        return ConfigError(path or "config/plugins", 0, plugin_name, reason)
 
     @staticmethod
     def hook_names() -> list[str]:
@@ -196,14 +218,21 @@ class PluginManager:
     async def call_first(self, hook: str, **kwargs: object) -> Any:
         """Ask plugins in order; the first non-``None`` answer wins.
 
-        A plugin that raises or times out is logged with its name and traceback, and the
-        answer is a temporary failure (:func:`~harakapy.denysoft`), never an accept.
+        A plugin that raises, times out, or answers with something the hook does not take
+        (``False`` where a :class:`Result` belongs) is logged with its name, and the answer
+        is a temporary failure (:func:`~harakapy.denysoft`), never an accept.
         """
+        expected = _ANSWER_TYPES.get(hook, (Result,))
         for impl in self.implementations(hook):
             try:
                 answer = await self._run(impl, kwargs)
             except Exception:  # not BaseException: cancellation must pass through
                 log.exception("plugin %s failed in hook %s", impl.plugin_name, hook)
+                return self.failure_result(hook, impl.plugin_name)
+            if answer is not None and not isinstance(answer, expected):
+                log.error("plugin %s answered hook %s with %r; expected %s or None",
+                          impl.plugin_name, hook, answer,
+                          " or ".join(t.__name__ for t in expected))
                 return self.failure_result(hook, impl.plugin_name)
             if answer is not None:
                 log.debug("hook %s decided by %s: %r", hook, impl.plugin_name, answer)

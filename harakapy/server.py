@@ -120,9 +120,11 @@ class Server:
         await state.plugins.call_all(hook, raise_errors=True, server=view)
         context = await state.plugins.call_first("inbound_tls", server=view)
         if context is not None and not isinstance(context, ssl.SSLContext):
-            raise ConfigError(state.config.shipped_path("plugins") or "config/plugins", 0,
-                              "inbound_tls", "a plugin failed to build the TLS context "
-                              "(see the log above)")
+            providers = [impl.plugin_name for impl in state.plugins.implementations(
+                "inbound_tls")]
+            raise state.plugins.error(providers[0] if providers else None,
+                                      "failed to build the inbound TLS context "
+                                      "(the log above has the traceback)")
         if context is None and any(a.implicit_tls for a in state.settings.listen):
             ini = state.config.ini("smtp.ini")
             raise ini.error("main", "listen_tls", "implicit-TLS listeners need the 'tls' "

@@ -39,8 +39,8 @@ def _context(config: Config, me: str) -> ssl.SSLContext:
                     "certificate for %s", me)
         return self_signed_context(me, min_version=min_version, ciphers=ciphers)
     if not key or not cert:
-        missing = "key" if not key else "cert"
-        raise ini.error("main", missing, "key and cert go together; set both or neither")
+        given = "key" if key else "cert"  # point at the line the operator wrote
+        raise ini.error("main", given, "key and cert go together; set both or neither")
     for name, value in (("cert", cert), ("key", key)):
         if not config.resolve(value).is_file():
             raise ini.error("main", name, f"no such file: {config.resolve(value)}")

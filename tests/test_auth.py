@@ -146,3 +146,31 @@ async def test_no_auth_plugin_means_no_auth(config_dir):
         assert "AUTH" not in text
         assert (await client.command("AUTH PLAIN x"))[0] == 502
         await client.close()
+
+
+@pytest.mark.parametrize(("answer", "reply", "closes"), [
+    ('deny("account locked", enhanced="5.7.8")', (535, "5.7.8 account locked"), False),
+    ("denysoft()", (454, "4.7.0 Temporary authentication failure"), False),
+    ('denydisconnect("go away")', (535, "5.7.8 go away"), True),
+])
+async def test_auth_plugin_answers_become_rfc4954_replies(config_dir, answer, reply, closes):
+    plugin = (f"from harakapy import hookimpl, deny, denysoft, denydisconnect\n\n"
+              f"@hookimpl\ndef auth():\n    return {answer}\n")
+    root = config_dir({"plugins": "tls\nmine\n"}, {"mine": plugin})
+    async with running_server(root) as hp:
+        client = await tls_session(hp.port)
+        assert await client.command(f"AUTH PLAIN {plain('u', 'p')}") == reply
+        assert await client.closed(timeout=0.5 if not closes else 5) is closes
+        await client.close()
+
+
+async def test_flat_file_leaves_unknown_users_to_later_plugins(config_dir, alice_hash):
+    other = "from harakapy import hookimpl, ok\n\n@hookimpl\ndef auth(user):\n" \
+            "    return ok() if user == 'bob' else None\n"
+    root = config_dir({"plugins": "tls\nauth/flat_file\nother\n",
+                       "auth_flat_file.ini": f"[users]\nalice = {alice_hash}\n"},
+                      {"other": other})
+    async with running_server(root) as hp:
+        client = await tls_session(hp.port)
+        assert (await client.command(f"AUTH PLAIN {plain('bob', 'x')}"))[0] == 235
+        await client.close()

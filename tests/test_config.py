@@ -105,11 +105,21 @@ def test_ipv6_and_implicit_tls_listeners(tmp_path):
         ("127.0.0.1", 25, False), ("::1", 2525, False), ("0.0.0.0", 465, True)]
 
 
-def test_non_utf8_file_is_refused_at_load(tmp_path):
+def test_non_utf8_file_is_refused_when_read_as_config(tmp_path):
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "host_list").write_bytes(b"caf\xe9.test\n")
+    (tmp_path / "config" / "cert.der").write_bytes(b"\x30\x82\xff\xfe")  # not config: fine
+    config = Config.load(tmp_path)
     with pytest.raises(ConfigError, match="host_list: not UTF-8"):
-        Config.load(tmp_path)
+        config.list("host_list")
+
+
+def test_editor_debris_is_ignored(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / ".smtp.ini.swp").write_bytes(b"\x00\xffbinary")
+    (tmp_path / "config" / "smtp.ini~").write_text("this is [not valid\n")
+    (tmp_path / "config" / "smtp.ini.dpkg-old").write_text("garbage line\n")
+    InboundSettings.from_config(Config.load(tmp_path))
 
 
 def test_missing_config_directory_is_an_error(tmp_path):

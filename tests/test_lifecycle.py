@@ -123,7 +123,7 @@ async def test_tls_plugin_config_errors_name_the_key(config_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"tls.ini:2: \[main\] min_version: TLSv1.2 is"):
         await Server(Config.load(root)).start()
     root = config_dir({"plugins": "tls\n", "tls.ini": "[main]\nkey = k.pem\n"})
-    with pytest.raises(ConfigError, match=r"\[main\] cert: key and cert go together"):
+    with pytest.raises(ConfigError, match=r"tls.ini:2: \[main\] key: key and cert go together"):
         await Server(Config.load(root)).start()
     root = config_dir({"plugins": "tls\n", "tls.ini": "[main]\nciphers = NOTHING-AT-ALL\n"})
     with pytest.raises(ConfigError, match=r"\[main\] ciphers: OpenSSL selects no cipher"):

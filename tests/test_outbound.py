@@ -229,3 +229,15 @@ async def test_one_message_to_two_domains_is_split(env):
     assert mx1.messages[0].recipients == ["bob@dest.test"]
     assert other.messages[0].recipients == ["eve@other.test"]
     await eventually(lambda: env.spooled() == [])
+
+
+@pytest.mark.parametrize(("text", "host", "port"), [
+    ("smarthost.test", "smarthost.test", 25), ("relay.test:587", "relay.test", 587),
+    ("[2001:db8::1]:2525", "2001:db8::1", 2525), ("[2001:db8::1]", "2001:db8::1", 25),
+    ("2001:db8::1", "2001:db8::1", 25), ("192.0.2.1:26", "192.0.2.1", 26),
+])
+def test_get_mx_route_strings(text, host, port):
+    from harakapy.outbound.queue import _parse_route
+
+    route = _parse_route(text, 25)
+    assert (route.hostname, route.port) == (host, port)

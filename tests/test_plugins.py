@@ -219,3 +219,42 @@ def test_listing_a_plugin_twice_is_an_error(config_dir):
     root = config_dir({"plugins": "relay\nrelay\n"})
     with pytest.raises(ConfigError, match="plugins:2: relay: listed twice"):
         PluginManager.load(Config.load(root))
+
+
+def test_text_after_a_plugin_name_is_an_error(config_dir):
+    root = config_dir({"plugins": "relay timeout=5\n"})
+    with pytest.raises(ConfigError, match="plugins:1: relay: unexpected text after the plugin"):
+        PluginManager.load(Config.load(root))
+
+
+def test_misspelt_hook_names_the_plugin_line(config_dir):
+    plugin = "from harakapy import hookimpl\n\n@hookimpl\ndef rcpt_to(recipient):\n    pass\n"
+    root = config_dir({"plugins": "relay\ntypo\n"}, {"typo": plugin})
+    with pytest.raises(ConfigError) as error:
+        PluginManager.load(Config.load(root))
+    assert str(error.value).startswith(f"{root}/config/plugins:2: typo: hook 'rcpt_to' does "
+                                       "not exist (known hooks: ")
+
+
+@pytest.mark.parametrize("answer", ["False", "True", "'ok'", "250"])
+async def test_an_answer_that_is_not_a_result_is_a_temporary_failure(config_dir, answer):
+    plugin = f"from harakapy import hookimpl\n\n@hookimpl\ndef mail():\n    return {answer}\n"
+    root = config_dir({"plugins": "odd\nrelay\n"}, {"odd": plugin})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        code, text = await client.command("MAIL FROM:<a@c.test>")
+        assert (code, text[:5]) == (451, "4.3.0")
+        await client.close()
+
+
+async def test_ok_with_a_message_keeps_the_commands_enhanced_code(config_dir):
+    plugin = 'from harakapy import hookimpl, ok\n\n@hookimpl\ndef mail():\n    return ok("fine")\n'
+    root = config_dir({"plugins": "mine\n"}, {"mine": plugin})
+    async with running_server(root) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO c")
+        assert await client.command("MAIL FROM:<a@c.test>") == (250, "2.1.0 fine")
+        await client.close()

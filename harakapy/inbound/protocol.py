@@ -213,7 +213,8 @@ class SmtpProtocol(SMTP):
             return result
         if ok_reply is not None:
             if isinstance(result, Result) and result.message:
-                ok_reply = reply_for(result, default_message="")
+                ok_reply = reply_for(result, default_message="",
+                                     default_enhanced=ok_reply.split()[1])
             await self._push_raw(ok_reply)
         return None
 
@@ -403,14 +404,19 @@ class SmtpProtocol(SMTP):
             log.info("%s AUTH %s user=%s ok", connection.id, mechanism, user)
             return AuthResult(success=True, auth_data=user,
                               message="235 2.7.0 Authentication successful")
-        if isinstance(result, Result) and result.action is Action.DENYSOFT:
-            log.info("%s AUTH %s user=%s temporary failure", connection.id, mechanism, user)
-            return AuthResult(success=False, handled=False, message=reply_for(
-                result, default_message="Temporary authentication failure",
-                default_enhanced="4.7.0"))
-        log.info("%s AUTH %s user=%s failed", connection.id, mechanism, user)
-        return AuthResult(success=False, handled=False,
-                          message="535 5.7.8 Authentication credentials invalid")
+        if result is None:
+            result = Result(Action.DENY)
+        # RFC 4954: 454 4.7.0 for a temporary failure, 535 5.7.8 for bad credentials.
+        code = result.code or (454 if result.action is Action.DENYSOFT else 535)
+        reply = format_reply(code, result.message or (
+            "Temporary authentication failure" if code < 500
+            else "Authentication credentials invalid"),
+            result.enhanced or ("4.7.0" if code < 500 else "5.7.8"))
+        log.info("%s AUTH %s user=%s refused: %s", connection.id, mechanism, user, reply)
+        if result.disconnects:
+            await self._close_with(reply)
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=reply)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         connection = self.connection

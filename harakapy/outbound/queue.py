@@ -449,8 +449,23 @@ def _routes(answer: object, port: int) -> list[MxHost]:
         if isinstance(item, MxHost):
             hosts.append(item)
         elif isinstance(item, str):
-            host, _, number = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
-            hosts.append(MxHost(host.strip("[]"), 0, int(number) if number else port))
+            hosts.append(_parse_route(item, port))
         else:
             raise MxError(f"get_mx returned {item!r}", permanent=False, enhanced="4.3.0")
     return hosts
+
+
+def _parse_route(text: str, port: int) -> MxHost:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        number = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+    else:
+        host, number = text, ""
+    if number and not number.isdigit():
+        raise MxError(f"get_mx returned a bad port in {text!r}", permanent=False,
+                      enhanced="4.3.0")
+    return MxHost(host, 0, int(number) if number else port)

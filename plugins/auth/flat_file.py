@@ -51,7 +51,7 @@ async def auth(user, password, server):
     if stored is None:
         # Spend the same time as for a real user, so timing does not reveal who exists.
         await asyncio.to_thread(verify_password, _dummy_hash(), password)
-        return deny()
+        return None  # not one of ours: a later auth plugin may know the user
     if await asyncio.to_thread(verify_password, stored, password):
         return ok()
     return deny()
