@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 
@@ -42,6 +43,8 @@ class ReceivingMTA:
     extensions: tuple[str, ...] = ("PIPELINING",)
     drop: tuple[str, ...] = ()
     smtputf8: bool = True
+    lmtp: bool = False
+    lmtp_reply: Callable[[str], str | None] = lambda address: None
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     commands: list[str] = field(default_factory=list)
@@ -73,6 +76,17 @@ class ReceivingMTA:
                 reply = mta.data_reply()
                 if reply is not None:
                     return reply
+                if mta.lmtp:
+                    # RFC 2033: one reply per accepted recipient, in order.
+                    replies = [mta.lmtp_reply(r) or "250 2.0.0 Ok" for r in envelope.rcpt_tos]
+                    kept = [r for r, reply in zip(envelope.rcpt_tos, replies, strict=True)
+                            if reply.startswith("2")]
+                    if kept:
+                        mta.messages.append(Received(
+                            envelope.mail_from, kept, envelope.original_content,
+                            session.ssl is not None, list(envelope.mail_options),
+                            session.peer[0]))
+                    return "\r\n".join(replies)
                 mta.messages.append(Received(
                     envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
                     session.ssl is not None, list(envelope.mail_options),
@@ -81,7 +95,8 @@ class ReceivingMTA:
 
         def factory() -> SMTP:
             mta.connections += 1
-            return SMTP(Handler(), tls_context=context, enable_SMTPUTF8=mta.smtputf8,
+            kind = LMTP if mta.lmtp else SMTP
+            return kind(Handler(), tls_context=context, enable_SMTPUTF8=mta.smtputf8,
                         hostname=f"mx-{mta.host}", ident="test")
 
         loop = asyncio.get_running_loop()

@@ -1,0 +1,63 @@
+"""queue/smtp_forward: hand mail for our own domains to a backend SMTP or LMTP server.
+
+The usual inbound-gateway setup: harakapy takes mail for the domains in config/host_list
+and forwards it to the mail store behind it (Dovecot's LMTP, an Exchange or Postfix
+backend). The message is first stored in the durable outbound spool, so the client hears
+250 only once it is safe, and the backend's refusals and outages get the queue's retries
+and bounces. Relayed mail for those domains takes the same route.
+
+Settings: config/smtp_forward.ini [main]   Docs: docs/plugins/queue.smtp_forward.md
+"""
+
+from __future__ import annotations
+
+from harakapy import Config, denysoft, hookimpl, ok
+from harakapy.outbound.mx import MxHost
+from harakapy.spool.store import SpoolError
+
+
+def load_backend(config: Config) -> MxHost:
+    ini = config.ini("smtp_forward.ini")
+    ini.check_known(config.shipped_ini("smtp_forward.ini"))
+    host = ini.get_str("main", "host").strip()
+    if not host:
+        raise ini.error("main", "host", "the backend's host name or IP address is required")
+    port = ini.get_int("main", "port", 25, minimum=1)
+    if port > 65535:
+        raise ini.error("main", "port", f"port {port} out of range")
+    return MxHost(host.strip("[]"), 0, port, lmtp=ini.get_bool("main", "lmtp", False))
+
+
+def _backend(server) -> MxHost:
+    return server.config.derive("smtp_forward.backend", load_backend)
+
+
+def _local_domains(server) -> frozenset[str]:
+    return server.config.derive("smtp_forward.domains", lambda config: frozenset(
+        entry.value.lower().rstrip(".") for entry in config.list("host_list")))
+
+
+@hookimpl
+def startup(server) -> None:
+    _backend(server)
+
+
+@hookimpl
+def config_reload(server) -> None:
+    _backend(server)
+
+
+@hookimpl
+async def queue(transaction, server):
+    try:
+        queued = await server.outbound.enqueue(transaction)
+    except SpoolError:
+        return denysoft("Cannot queue the message now; try again later", enhanced="4.3.0")
+    return ok(f"Ok: queued as {queued.id}")
+
+
+@hookimpl
+def get_mx(domain, server):
+    if domain.rstrip(".") in _local_domains(server):
+        return _backend(server)
+    return None
