@@ -91,6 +91,68 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    import json
+
+    from harakapy.config import Config
+    from harakapy.outbound import control
+    from harakapy.spool import report
+    from harakapy.spool.store import Spool, SpoolError
+
+    try:
+        config = Config.load(Path(args.config_dir) if args.config_dir else None)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    spool = Spool(config.queue_dir())
+    if not spool.msg_dir.is_dir():
+        return _fail(f"no spool at {spool.root} (has the server run with this config?)", 2)
+    try:
+        message_id = report.check_id(args.id) if getattr(args, "id", None) else None
+        if args.action == "list":
+            queued = report.messages(spool)
+            if args.json:
+                print(json.dumps([report.summary(m) for m in queued], indent=1))
+            else:
+                for message in queued:
+                    print(report.format_line(message))
+                print(f"{len(queued)} message(s) queued")
+        elif args.action == "show":
+            assert message_id is not None
+            message = spool.load(message_id)
+            print(json.dumps(report.summary(message), indent=1) if args.json
+                  else report.format_show(message))
+        elif args.action == "stats":
+            counts = report.stats(spool)
+            if args.json:
+                print(json.dumps(counts, indent=1))
+            else:
+                for key, value in counts.items():
+                    print(f"{key}: {value}")
+        elif args.action == "flush":
+            if message_id is not None:
+                spool.load(message_id)  # a clear error for an unknown id
+            answer = control.request(spool.root, {"cmd": "flush", "id": message_id})
+            if answer is None:
+                ids = [message_id] if message_id else list(spool.ids())
+                for one in ids:
+                    spool.record(one, {"flush": True})
+                print(f"no server running: {len(ids)} message(s) will be tried at its start")
+            else:
+                print(f"retrying {answer.get('count', 0)} delivery job(s) now")
+        elif args.action == "delete":
+            assert message_id is not None
+            spool.load(message_id)
+            answer = control.request(spool.root, {"cmd": "delete", "id": message_id})
+            if answer is None:
+                spool.remove(message_id)
+            print(f"deleted {message_id}")
+    except SpoolError as exc:
+        return _fail(str(exc), 2)
+    except OSError as exc:
+        return _fail(f"cannot reach the server on {spool.root}: {exc}", 1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harakapy", description="A Haraka-style mail server for strict outbound SMTP TLS.")
@@ -114,6 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("directory", metavar="DIR")
     init.add_argument("--force", action="store_true", help="write into a non-empty DIR")
     init.set_defaults(func=cmd_init)
+
+    queue = commands.add_parser(
+        "queue", help="inspect and steer the outbound spool",
+        description="Inspect and steer the spool, whether or not the server runs.")
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (("list", "one line per queued message"),
+                       ("stats", "counts by recipient state and domain")):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--json", action="store_true", help="machine-readable output")
+    show = actions.add_parser("show", help="one message: envelope, states, history, header")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    flush = actions.add_parser("flush", help="retry now (all, or one message)")
+    flush.add_argument("id", metavar="ID", nargs="?")
+    delete = actions.add_parser("delete", help="remove a message from the queue")
+    delete.add_argument("id", metavar="ID")
+    for action in actions.choices.values():
+        action.add_argument("-c", "--config-dir", metavar="DIR",
+                            help="config directory (default: the shipped defaults' spool)")
+    queue.set_defaults(func=cmd_queue)
 
     passwd = commands.add_parser(
         "passwd", help="hash a password for auth/flat_file",

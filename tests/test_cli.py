@@ -234,3 +234,48 @@ def test_sighup_renews_the_certificate_for_starttls_and_implicit_tls(mta_dir, tl
         assert starttls_cert() == implicit_cert()
     finally:
         assert server.stop() == 0
+
+
+@pytest.fixture
+def queued_dir(mta_dir):
+    """A server that relays from 127.0.0.1 but cannot resolve anything: mail stays queued."""
+    write(mta_dir.root, "config/relay_acl_allow", "127.0.0.1/32\n")
+    write(mta_dir.root, "config/plugins", "relay\n")
+    write(mta_dir.root, "config/dns.ini", "[main]\nnameservers = 127.0.0.1\nport = 9\n"
+                                          "timeout = 0.2\n")
+    return mta_dir
+
+
+def test_queue_commands_while_running_and_stopped(queued_dir):
+    root, port = str(queued_dir.root), queued_dir.port
+    assert harakapy("queue", "list", "-c", root).returncode == 2  # no spool yet
+    server = ServerProcess("-c", root)
+    try:
+        server.wait_for("harakapy ready")
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            for n in range(3):
+                smtp.sendmail("a@client.test", [f"b{n}@dest.test"],
+                              f"Subject: q{n}\r\n\r\nx\r\n".encode())
+        server.wait_for("deferred")
+        listing = harakapy("queue", "list", "-c", root)
+        assert listing.returncode == 0 and "3 message(s) queued" in listing.stdout
+        first = listing.stdout.split()[0]
+        shown = harakapy("queue", "show", first, "-c", root)
+        assert shown.returncode == 0
+        assert "<b0@dest.test> deferred" in shown.stdout and "Subject: q0" in shown.stdout
+        stats = json.loads(harakapy("queue", "stats", "--json", "-c", root).stdout)
+        assert stats["messages"] == 3 and stats["recipients"] == {"deferred": 3}
+        deleted = harakapy("queue", "delete", first, "-c", root)
+        assert deleted.returncode == 0
+        assert "2 message(s) queued" in harakapy("queue", "list", "-c", root).stdout
+        flushed = harakapy("queue", "flush", "-c", root)
+        assert flushed.returncode == 0 and "retrying 2 delivery job(s) now" in flushed.stdout
+        bad = harakapy("queue", "show", "../../etc/passwd", "-c", root)
+        assert bad.returncode == 2 and "is not a queue id" in bad.stderr
+        gone = harakapy("queue", "show", first, "-c", root)
+        assert gone.returncode == 2 and f"no message {first}" in gone.stderr
+    finally:
+        assert server.stop() == 0
+    stopped = harakapy("queue", "flush", "-c", root)
+    assert "no server running: 2 message(s) will be tried at its start" in stopped.stdout
+    assert "2 message(s) queued" in harakapy("queue", "list", "-c", root).stdout
