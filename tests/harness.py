@@ -181,7 +181,8 @@ def insecure_client_context() -> ssl.SSLContext:
 
 
 async def sendmail(port: int, sender: str, recipients: list[str], message: bytes, *,
-                   host: str = "127.0.0.1", starttls: ssl.SSLContext | None = None) -> dict:
+                   host: str = "127.0.0.1", starttls: ssl.SSLContext | None = None,
+                   mail_options: tuple[str, ...] = ()) -> dict:
     """Send one message with the standard library's smtplib, in a thread so the server in
     this event loop keeps running. Raises smtplib's exceptions as a user would see them."""
 
@@ -189,7 +190,7 @@ async def sendmail(port: int, sender: str, recipients: list[str], message: bytes
         with smtplib.SMTP(host, port, timeout=30) as smtp:
             if starttls is not None:
                 smtp.starttls(context=starttls)
-            return smtp.sendmail(sender, recipients, message)
+            return smtp.sendmail(sender, recipients, message, mail_options=list(mail_options))
 
     return await asyncio.to_thread(send)
 

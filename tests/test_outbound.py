@@ -3,6 +3,7 @@ MX records from a real DNS server on loopback and time moved by the test."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import socket
 from contextlib import AsyncExitStack
@@ -59,8 +60,9 @@ class Env:
         return await self.stack.enter_async_context(ReceivingMTA(host, self.port, **options))
 
     async def send(self, recipients: list[str], body: bytes = b"Subject: t\r\n\r\nhello\r\n",
-                   sender: str = "alice@sender.test") -> None:
-        await sendmail(self.hp.port, sender, recipients, body)
+                   sender: str = "alice@sender.test", utf8: bool = False) -> None:
+        await sendmail(self.hp.port, sender, recipients, body,
+                       mail_options=("SMTPUTF8",) if utf8 else ())
 
     def spooled(self) -> list[str]:
         return sorted(p.name for p in (self.hp.root / "queue" / "msg").iterdir())
@@ -241,3 +243,132 @@ def test_get_mx_route_strings(text, host, port):
 
     route = _parse_route(text, 25)
     assert (route.hostname, route.port) == (host, port)
+
+
+async def test_utf8_message_to_a_server_without_smtputf8_bounces(env):
+    mx1 = await env.mta("127.0.0.2", smtputf8=False)
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["jörg@dest.test"], utf8=True)
+    await eventually(lambda: sender_mx.messages)
+    assert "Status: 5.6.7" in sender_mx.messages[0].data.decode()
+    assert mx1.messages == []
+
+
+HOOK_RECORDER = '''
+from harakapy import hookimpl, ok
+
+
+@hookimpl
+def init_outbound(message, server):
+    server.notes.setdefault("events", []).append(("init", message.id))
+
+
+@hookimpl
+def delivered(message, recipients, mx, reply, server):
+    server.notes.setdefault("events", []).append(
+        ("delivered", [r.address for r in recipients], reply[:3]))
+
+
+@hookimpl
+def deferred(message, recipients, reason, next_attempt, server):
+    server.notes.setdefault("events", []).append(
+        ("deferred", [r.address for r in recipients], reason[:3]))
+
+
+@hookimpl
+def bounce(message, recipients, dsn, server):
+    mode = server.config.value("bounce_mode")
+    server.notes.setdefault("events", []).append(("bounce", [r.address for r in recipients]))
+    if mode == "suppress":
+        return ok()
+    if mode == "rewrite":
+        return b"Subject: rewritten bounce\\r\\n\\r\\n" + dsn[:0] + b"see the log\\r\\n"
+    return None
+
+
+@hookimpl
+def get_mx(domain):
+    if domain == "routed.test":
+        return "127.0.0.3"
+    return None
+'''
+
+
+@pytest.fixture
+async def hooked(config_dir):
+    dns = await DnsServer(ZONE).start()
+    port = free_port_on_all()
+
+    async def start(mode: str = ""):
+        root = config_dir({
+            "me": "harakapy.test\n", "plugins": "relay\nrecorder\n", "bounce_mode": mode,
+            "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dns.port}\ntimeout = 1\n",
+            "outbound.ini": f"[main]\nport = {port}\nmin_backoff = 60\nconnect_timeout = 2\n"
+                            "delay_warning = 30m\n",
+        }, {"recorder": HOOK_RECORDER})
+        clock = ManualClock()
+        stack = AsyncExitStack()
+        hp = await stack.enter_async_context(running_server(root, clock=clock))
+        return Env(hp, dns, clock, port, stack)
+
+    envs = []
+
+    async def make(mode: str = ""):
+        envs.append(await start(mode))
+        return envs[-1]
+
+    yield make
+    for one in envs:
+        await one.stack.aclose()
+    dns.close()
+
+
+async def test_outbound_hooks_see_each_outcome(hooked):
+    env = await hooked()
+    rules = {"temp@dest.test": "451 4.2.0 busy", "perm@dest.test": "550 5.1.1 no"}
+    await env.mta("127.0.0.2", rcpt_reply=rules.get)
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["ok@dest.test", "temp@dest.test", "perm@dest.test"])
+    await eventually(lambda: sender_mx.messages)
+    events = env.hp.server.notes["events"]
+    assert events[0][0] == "init"
+    assert ("delivered", ["ok@dest.test"], "250") in events
+    assert ("deferred", ["temp@dest.test"], "451") in events
+    assert ("bounce", ["perm@dest.test"]) in events
+
+
+async def test_get_mx_plugin_routes_a_domain(hooked):
+    env = await hooked()
+    routed = await env.mta("127.0.0.3")
+    await env.send(["x@routed.test"])  # routed.test has no DNS at all
+    await eventually(lambda: routed.messages)
+
+
+@pytest.mark.parametrize("mode", ["suppress", "rewrite"])
+async def test_bounce_hook_can_suppress_or_rewrite(hooked, mode):
+    env = await hooked(mode)
+    await env.mta("127.0.0.2", rcpt_reply=lambda a: "550 5.1.1 no")
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["perm@dest.test"])
+    await eventually(lambda: env.spooled() == [])
+    if mode == "suppress":
+        assert sender_mx.messages == []
+    else:
+        await eventually(lambda: sender_mx.messages)
+        assert b"Subject: rewritten bounce" in sender_mx.messages[0].data
+
+
+async def test_delay_warning_is_sent_once(hooked):
+    env = await hooked()
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["bob@dest.test"])  # no MX listens: deferred again and again
+    await eventually(lambda: len(env.spooled()) == 1)
+    for _ in range(6):
+        await env.advance(600)
+        await eventually(lambda: True)
+        await asyncio.sleep(0.05)
+    await eventually(lambda: sender_mx.messages)
+    await asyncio.sleep(0.2)
+    assert len(sender_mx.messages) == 1
+    text = sender_mx.messages[0].data.decode()
+    assert "Action: delayed" in text and "Will-Retry-Until:" in text
