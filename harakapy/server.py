@@ -270,6 +270,7 @@ class Server:
             self._control.close()
             (self.config.queue_dir() / control.SOCKET_NAME).unlink(missing_ok=True)
         if self.outbound is not None:
-            await self.outbound.stop()
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            await self.outbound.stop(grace=remaining)
         await self.plugins.call_all("shutdown", server=self)
         log.info("stopped")

@@ -73,6 +73,7 @@ class OutboundQueue:
         self._waiting: dict[str, list[Job]] = {}
         self._active_domains: dict[str, int] = {}
         self._active = 0
+        self._running: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -128,12 +129,16 @@ class OutboundQueue:
                 self._schedule(message_id, domain, message.next_attempt.get(domain, 0.0))
         return count
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Start nothing new; let deliveries in flight finish within ``grace`` seconds,
+        then cut them off (their recipients stay queued: at worst a re-send)."""
         self._stopping = True
         self._wake.set()
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
+        if self._tasks and grace > 0:
+            await asyncio.wait(list(self._tasks), timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -189,6 +194,8 @@ class OutboundQueue:
         """Make every waiting job (or those of one message) due now; how many."""
         count = 0
         for (mid, domain), job in list(self._jobs.items()):
+            if (mid, domain) in self._running:
+                continue  # being delivered right now; a second attempt would send twice
             if (message_id is None or mid == message_id) and not job.cancelled and \
                     job.due > 0:
                 self._schedule(mid, domain, 0.0)
@@ -253,6 +260,7 @@ class OutboundQueue:
                 waker.cancel()
 
     def _start(self, job: Job) -> None:
+        self._running.add((job.message_id, job.domain))
         self._active += 1
         self._active_domains[job.domain] = self._active_domains.get(job.domain, 0) + 1
         task = asyncio.get_running_loop().create_task(self._deliver_job(job))
@@ -261,6 +269,7 @@ class OutboundQueue:
 
     def _finished(self, task: asyncio.Task[None], job: Job) -> None:
         self._tasks.discard(task)
+        self._running.discard((job.message_id, job.domain))
         self._active -= 1
         self._active_domains[job.domain] -= 1
         if not self._active_domains[job.domain]:
