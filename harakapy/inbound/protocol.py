@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, AuthResult
 
-from harakapy.inbound.address import AddressError, parse_params, parse_path
+from harakapy.inbound.address import Address, AddressError, parse_params, parse_path
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction, new_id
 from harakapy.inbound.received import count_received, received_header
 from harakapy.results import Action, Result, add_enhanced, format_reply, reply_for
@@ -427,19 +427,10 @@ class SmtpProtocol(SMTP):
         if connection.transaction is not None:
             await self.push("503 5.5.1 Nested MAIL command")
             return
-        text = _after_keyword(arg, "FROM:")
-        if text is None:
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+        parsed = await self._read_path(arg, "MAIL FROM:", allow_null=True, smtputf8=False)
+        if parsed is None:
             return
-        try:
-            params = parse_params(text.partition(">")[2]) if connection.esmtp else {}
-            sender, rest = parse_path(text, allow_null=True,
-                                      smtputf8=bool(params.get("SMTPUTF8")))
-            if rest and not connection.esmtp:
-                raise AddressError("parameters need EHLO")
-        except AddressError as exc:
-            await self.push(f"501 5.5.4 {exc}")
-            return
+        sender, params = parsed
         problem = self._check_mail_params(params)
         if problem is not None:
             await self.push(problem)
@@ -450,6 +441,26 @@ class SmtpProtocol(SMTP):
                                      default_enhanced="5.7.1", ok_reply="250 2.1.0 Ok")
         if refused is not None:
             connection.transaction = None
+
+    async def _read_path(self, arg: str | None, command: str, *, allow_null: bool,
+                         smtputf8: bool) -> tuple[Address, dict[str, str | bool]] | None:
+        """The path and parameters of MAIL or RCPT, or ``None`` after replying 501."""
+        assert self.connection is not None
+        esmtp = self.connection.esmtp
+        text = _after_keyword(arg, command.split()[1])
+        if text is None:
+            await self.push(f"501 5.5.4 Syntax: {command}<address>")
+            return None
+        try:
+            params = parse_params(text.partition(">")[2]) if esmtp else {}
+            address, rest = parse_path(text, allow_null=allow_null,
+                                       smtputf8=smtputf8 or bool(params.get("SMTPUTF8")))
+            if rest and not esmtp:
+                raise AddressError("parameters need EHLO")
+        except AddressError as exc:
+            await self.push(f"501 5.5.4 {exc}")
+            return None
+        return address, params
 
     def _check_mail_params(self, params: dict[str, str | bool]) -> str | None:
         for name, value in params.items():
@@ -478,18 +489,11 @@ class SmtpProtocol(SMTP):
         if transaction is None:
             await self.push("503 5.5.1 Need MAIL command")
             return
-        text = _after_keyword(arg, "TO:")
-        if text is None:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+        parsed = await self._read_path(arg, "RCPT TO:", allow_null=False,
+                                       smtputf8=transaction.smtputf8)
+        if parsed is None:
             return
-        try:
-            recipient, rest = parse_path(text, allow_null=False, smtputf8=transaction.smtputf8)
-            params = parse_params(rest) if connection.esmtp else {}
-            if rest and not connection.esmtp:
-                raise AddressError("parameters need EHLO")
-        except AddressError as exc:
-            await self.push(f"501 5.5.4 {exc}")
-            return
+        recipient, params = parsed
         if params:
             await self.push(f"555 5.5.4 RCPT parameter {next(iter(params))} not supported")
             return
