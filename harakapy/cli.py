@@ -148,6 +148,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"deleted {message_id}")
     except SpoolError as exc:
         return _fail(str(exc), 2)
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         return _fail(f"cannot reach the server on {spool.root}: {exc}", 1)
     return 0
@@ -209,7 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # `harakapy queue list | head`: the reader had enough; that is not an error.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -115,12 +115,23 @@ class Resolver:
         :raises DnsError: a lookup failed; try again later.
         """
         found: list[str] = []
+        failure: DnsError | None = None
         for wanted, rdtype in ((ipv4, "A"), (ipv6, "AAAA")):
             if not wanted:
                 continue
-            answer = await self._query(host, rdtype)
+            try:
+                answer = await self._query(host, rdtype)
+            except NoSuchDomain:
+                raise
+            except DnsError as exc:
+                # One family failing (servers that mishandle AAAA exist) must not hide
+                # the addresses the other found.
+                failure = exc
+                continue
             if answer is not None:
                 found.extend(record.address for record in answer)
+        if not found and failure is not None:
+            raise failure
         return found
 
 

@@ -288,6 +288,6 @@ def bounce(message: QueuedMessage, recipients: list[QueuedRecipient], dsn: bytes
     report), or :func:`~harakapy.ok` to send nothing (the plugin dealt with it). Messages
     from the null sender ``<>`` never get a DSN and do not reach this hook.
 
-    Stops at the first non-None result. A plugin that fails keeps the recipients queued,
-    so no notice is lost.
+    Stops at the first non-None result. When a plugin fails, the DSN as built is sent:
+    a broken plugin never loses a notice.
     """

@@ -30,6 +30,8 @@ mx.other.test. A 127.0.0.5
 implicit.test. A 127.0.0.5
 nullmx.test. MX 0 .
 flaky.test. MX 10 mx1.dest.test.
+noaddr.test. MX 10 ghost.noaddr.test.
+ghost.noaddr.test. TXT "no address here"
 """
 
 
@@ -207,9 +209,9 @@ async def test_connection_reuse_for_several_messages(env):
 
 
 async def test_8bit_message_to_a_server_without_8bitmime_bounces(env):
-    mx1 = await env.mta("127.0.0.2", drop=("8BITMIME",))
+    mx1 = await env.mta("127.0.0.5", drop=("8BITMIME",))  # other.test's only MX
     sender_mx = await env.mta("127.0.0.4")
-    await env.send(["bob@dest.test"], body="Subject: x\r\n\r\nGrüße\r\n".encode())
+    await env.send(["bob@other.test"], body="Subject: x\r\n\r\nGrüße\r\n".encode())
     await eventually(lambda: sender_mx.messages)
     assert "Status: 5.6.3" in sender_mx.messages[0].data.decode()
     assert mx1.messages == []
@@ -246,9 +248,9 @@ def test_get_mx_route_strings(text, host, port):
 
 
 async def test_utf8_message_to_a_server_without_smtputf8_bounces(env):
-    mx1 = await env.mta("127.0.0.2", smtputf8=False)
+    mx1 = await env.mta("127.0.0.5", smtputf8=False)
     sender_mx = await env.mta("127.0.0.4")
-    await env.send(["jörg@dest.test"], utf8=True)
+    await env.send(["jörg@other.test"], utf8=True)
     await eventually(lambda: sender_mx.messages)
     assert "Status: 5.6.7" in sender_mx.messages[0].data.decode()
     assert mx1.messages == []
@@ -372,3 +374,40 @@ async def test_delay_warning_is_sent_once(hooked):
     assert len(sender_mx.messages) == 1
     text = sender_mx.messages[0].data.decode()
     assert "Action: delayed" in text and "Will-Retry-Until:" in text
+
+
+async def test_a_backup_mx_that_cannot_carry_8bit_defers_while_the_primary_is_down(env):
+    backup = await env.mta("127.0.0.3", drop=("8BITMIME",))  # mx1 (127.0.0.2) is down
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["bob@dest.test"], body="Subject: x\r\n\r\nGrüße\r\n".encode())
+    await eventually(lambda: backup.connections >= 1)
+    await eventually(lambda: len(env.spooled()) == 1)
+    assert sender_mx.messages == [] and backup.messages == []
+    primary = await env.mta("127.0.0.2")
+    await env.advance(61)
+    await eventually(lambda: primary.messages)
+
+
+async def test_ascii_message_declared_smtputf8_goes_to_a_server_without_it(env):
+    mx = await env.mta("127.0.0.5", smtputf8=False)
+    await env.send(["plain@other.test"], utf8=True)
+    await eventually(lambda: mx.messages)
+    assert "SMTPUTF8" not in mx.messages[0].mail_options
+
+
+async def test_starttls_refused_goes_on_in_plaintext_at_may(env, tls_ca, tmp_path):
+    cert = tls_ca.issue_cert("mx.other.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    mx = await env.mta("127.0.0.5", cert=(str(tmp_path / "c.pem"), str(tmp_path / "k.pem")))
+    await env.send(["tls@other.test"])
+    await eventually(lambda: mx.messages)
+    assert mx.messages[0].tls  # offered and working: used
+
+
+async def test_hosts_without_addresses_bounce(env):
+    # noaddr.test's MX host exists in DNS but has no A or AAAA record.
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["x@noaddr.test"])
+    await eventually(lambda: sender_mx.messages)
+    assert "Status: 5.4.4" in sender_mx.messages[0].data.decode()

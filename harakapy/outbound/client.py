@@ -84,6 +84,11 @@ class Timeouts:
     data_done: float = 600.0
 
 
+def _rcpt_reply(reply: Reply) -> Reply:
+    # RFC 5321 4.5.3.1.10: 552 to RCPT means "too many recipients": retry them later.
+    return Reply(452, reply.text) if reply.code == 552 else reply
+
+
 def dot_stuff(message: bytes) -> bytes:
     """The message as sent after DATA: leading dots doubled, CRLF at the end, then ``.``."""
     if not message.endswith(b"\r\n"):
@@ -123,9 +128,10 @@ class SmtpSession:
                                                                limit=65536)
         except TimeoutError:
             raise SessionError("connect", f"connection to [{ip}]:{port} timed out") from None
-        except OSError as exc:
-            raise SessionError("connect", f"cannot connect to [{ip}]:{port}: "
-                                          f"{exc.strerror or exc}") from None
+        except (OSError, OverflowError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise SessionError("connect", f"cannot connect to [{ip}]:{port}: {reason}"
+                               ) from None
         session = cls(reader, writer, timeouts=timeouts, lmtp=lmtp)
         session.peer_ip = ip
         try:
@@ -252,13 +258,13 @@ class SmtpSession:
             batch = [mail_line, *rcpt_lines, "DATA"]
             await self._send("mail", "".join(f"{line}\r\n" for line in batch).encode())
             mail = await self.read_reply("mail")
-            rcpt = [await self.read_reply("rcpt") for _ in recipients]
+            rcpt = [_rcpt_reply(await self.read_reply("rcpt")) for _ in recipients]
             data = await self.read_reply("data")
         else:
             mail = await self.command("mail", mail_line)
             if not mail.positive:
                 return TransactionResult(mail, [mail] * len(recipients))
-            rcpt = [await self.command("rcpt", line) for line in rcpt_lines]
+            rcpt = [_rcpt_reply(await self.command("rcpt", line)) for line in rcpt_lines]
             data = (await self.command("data", "DATA")
                     if any(r.positive for r in rcpt) else None)
         result = TransactionResult(mail)

@@ -1,7 +1,7 @@
 """The control socket: how ``harakapy queue flush|delete`` reaches a running server.
 
-A UNIX socket ``queue/control.sock`` in the spool directory (mode 0700, so only the
-spool's owner can steer it), one JSON request line, one JSON answer line.
+A UNIX socket ``queue/control.sock`` in the spool directory (mode 0600, in a 0700
+directory, so only the spool's owner can steer it), one JSON request line, one JSON answer line.
 """
 
 from __future__ import annotations

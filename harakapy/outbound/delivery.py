@@ -130,16 +130,18 @@ class Delivery:
         return await self.resolver.addresses(host.hostname, ipv4=self.settings.ipv4,
                                              ipv6=self.settings.ipv6)
 
-    async def open_session(self, host: MxHost, ip: str) -> tuple[SmtpSession, tuple]:
+    async def open_session(self, host: MxHost, ip: str, *, reuse: bool = True
+                           ) -> tuple[SmtpSession, tuple, bool]:
         """Connect, EHLO, and STARTTLS when offered: the one connection step.
 
-        :returns: the session and its pool key.
+        :param reuse: Take an idle session from the pool when there is one.
+        :returns: the session, its pool key, and whether it came from the pool.
         :raises SessionError: the host cannot be used now.
         """
         key = (host.hostname, ip, host.port, host.lmtp, "may")
-        pooled = self.pool.take(key)
+        pooled = self.pool.take(key) if reuse else None
         if pooled is not None:
-            return pooled, key
+            return pooled, key, True
         timeouts = self.settings.timeouts
         session = await SmtpSession.open(ip, host.port, timeouts=timeouts, lmtp=host.lmtp,
                                          source_address=self.settings.local_address)
@@ -149,6 +151,11 @@ class Delivery:
                 try:
                     await session.starttls(self._may_context, server_hostname=None)
                 except SessionError as exc:
+                    if exc.stage == "starttls" and exc.reply is not None:
+                        # STARTTLS refused: at "may" the session goes on in plaintext.
+                        log.info("%s [%s] refused STARTTLS (%s); going on in plaintext",
+                                 host.hostname, ip, exc.reply)
+                        return session, key, False
                     if exc.stage != "tls":
                         raise
                     # Only at "may": after a failed handshake, that host may get the mail
@@ -163,18 +170,27 @@ class Delivery:
         except SessionError:
             session.abort()
             raise
-        return session, key
+        return session, key, False
 
     async def attempt(self, hosts: list[MxHost], sender: str, recipients: list[str],
                       message: bytes, *, smtputf8: bool) -> Outcome:
         """Try ``hosts`` in order until one takes a decision on every recipient.
 
-        A host that cannot be reached, greets badly, fails EHLO/STARTTLS, refuses MAIL with
-        4xx or drops the line is skipped for the next; per-recipient replies are final for
-        this attempt (2xx delivered, 4xx deferred, 5xx bounced).
+        A host that cannot be reached, greets badly, fails EHLO, refuses MAIL with 4xx,
+        drops the line, or cannot carry this message (no 8BITMIME, SMTPUTF8, too small a
+        SIZE) is skipped for the next. Per-recipient replies are final for this attempt
+        (2xx delivered, 4xx deferred, 5xx bounced). When no host decided, the recipients
+        bounce only if every failure was permanent (no such host, no address, no host can
+        carry the message); otherwise they wait for a retry.
         """
         outcome = Outcome()
         eight_bit = not message.isascii()
+        head = message.split(b"\r\n\r\n", 1)[0]
+        # RFC 6531: a message needs SMTPUTF8 only if its envelope or header is UTF-8.
+        needs_utf8 = smtputf8 and (not sender.isascii() or not head.isascii()
+                                   or any(not r.isascii() for r in recipients))
+        temporary = False
+        capability: tuple[str, str] | None = None
         for host in hosts:
             try:
                 addresses = await self.addresses(host)
@@ -183,36 +199,50 @@ class Delivery:
                 continue
             except DnsError as exc:
                 outcome.errors.append(f"{host.hostname}: {exc.reason}")
+                temporary = True
                 continue
             if not addresses:
                 outcome.errors.append(f"{host.hostname}: no address records")
                 continue
             for ip in addresses:
-                done = await self._attempt_at(host, ip, sender, recipients, message,
-                                              smtputf8=smtputf8, eight_bit=eight_bit,
-                                              outcome=outcome)
-                if done:
+                status = await self._attempt_at(host, ip, sender, recipients, message,
+                                                smtputf8=needs_utf8, eight_bit=eight_bit,
+                                                outcome=outcome)
+                if status == "done":
                     return outcome
+                if isinstance(status, tuple):
+                    capability = status
+                    break  # the host's other addresses run the same software
+                temporary = True
+        if not temporary:
+            if capability is not None:
+                status_code, reason = capability
+            else:
+                status_code = "5.4.4"
+                reason = "no usable host: " + "; ".join(outcome.errors[-3:])
+            outcome.results = [RecipientResult(i, "bounced", reason, status_code)
+                               for i in range(len(recipients))]
         return outcome
 
     async def _attempt_at(self, host: MxHost, ip: str, sender: str, recipients: list[str],
                           message: bytes, *, smtputf8: bool, eight_bit: bool,
-                          outcome: Outcome) -> bool:
+                          outcome: Outcome, fresh: bool = False) -> str | tuple[str, str]:
+        """One session: ``"done"``, ``"failed"``, or ``(status, reason)`` when this host
+        cannot carry the message."""
         where = f"{host.hostname}[{ip}]:{host.port}"
         try:
-            session, key = await self.open_session(host, ip)
+            session, key, pooled = await self.open_session(host, ip, reuse=not fresh)
         except SessionError as exc:
             outcome.errors.append(f"{where}: {exc.reason}")
             log.info("host %s unusable: %s", where, exc.reason)
-            return False
+            return "failed"
         refusal = self._cannot_carry(session, message, smtputf8=smtputf8,
                                      eight_bit=eight_bit)
         if refusal is not None:
             status, reason = refusal
-            outcome.results = [RecipientResult(i, "bounced", f"{where}: {reason}", status,
-                                               host.hostname) for i in range(len(recipients))]
+            outcome.errors.append(f"{where}: {reason}")
             await self.pool.give_back(key, session)
-            return True
+            return status, f"{where}: {reason}"
         params = []
         if session.supports("SIZE"):
             params.append(f"SIZE={len(message)}")
@@ -224,13 +254,18 @@ class Delivery:
             result = await session.send(sender, recipients, message, mail_params=params)
         except SessionError as exc:
             session.abort()
+            if pooled:
+                # The server closed an idle session we kept: not the host's fault.
+                return await self._attempt_at(host, ip, sender, recipients, message,
+                                              smtputf8=smtputf8, eight_bit=eight_bit,
+                                              outcome=outcome, fresh=True)
             outcome.errors.append(f"{where}: {exc.reason}")
             log.info("delivery to %s broke off: %s", where, exc.reason)
-            return False
+            return "failed"
         if result.mail.transient:
             outcome.errors.append(f"{where}: MAIL FROM refused: {result.mail}")
             await self.pool.give_back(key, session)
-            return False
+            return "failed"
         for index, reply in enumerate(result.recipients):
             if reply.positive:
                 state, default = "delivered", "2.0.0"
@@ -242,7 +277,7 @@ class Delivery:
                                                    _enhanced(reply, default), host.hostname,
                                                    remote=True))
         await self.pool.give_back(key, session)
-        return True
+        return "done"
 
     @staticmethod
     def _cannot_carry(session: SmtpSession, message: bytes, *, smtputf8: bool,

@@ -113,6 +113,7 @@ class OutboundQueue:
         count = 0
         for tmp in self.spool.tmp_dir.iterdir():
             tmp.unlink(missing_ok=True)  # never acknowledged: the client still has it
+        self.spool.remove_orphan_journals()
         for message_id in list(self.spool.ids()):
             try:
                 message = self.spool.load(message_id)
@@ -349,6 +350,7 @@ class OutboundQueue:
             for result in deferred:
                 result.state, result.enhanced = BOUNCED, "5.4.7"
                 result.reply = f"delivery time expired; last error: {result.reply}"
+                result.remote = False  # our verdict, not the server's reply
             bounced += deferred
             deferred = []
             bounced += [RecipientResult(i, BOUNCED, f"delivery time expired; last error: "
@@ -412,9 +414,9 @@ class OutboundQueue:
             if isinstance(answer, bytes):
                 dsn = answer
             if isinstance(answer, Result) and not answer.is_ok:
-                # A plugin failed while judging the bounce: keep the recipients queued
-                # rather than lose the notice.
-                raise RuntimeError("bounce hook failed")
+                # A plugin failed while judging the bounce (the log has why): send our
+                # own DSN, so the sender still hears of it.
+                answer = None
             if answer is None or isinstance(answer, bytes):
                 queued = await self.inject("", [message.sender], dsn)
                 log.info("%s DSN queued as %s for <%s>", message.id, queued.id,
@@ -474,7 +476,7 @@ def _parse_route(text: str, port: int) -> MxHost:
         host, _, number = text.partition(":")
     else:
         host, number = text, ""
-    if number and not number.isdigit():
+    if number and not (number.isdigit() and 0 < int(number) <= 65535):
         raise MxError(f"get_mx returned a bad port in {text!r}", permanent=False,
                       enhanced="4.3.0")
     return MxHost(host, 0, int(number) if number else port)

@@ -116,6 +116,12 @@ class QueuedMessage:
         return head.split(b"\r\n\r\n", 1)[0] + b"\r\n"
 
 
+def _last_byte(path: Path, size: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -193,14 +199,21 @@ class Spool:
         :param durable: fsync before returning. Outcomes that stop a re-send (delivered,
             bounced) must be durable; a deferral's schedule need not be.
         """
-        line = json.dumps({"t": round(time.time(), 3), **event}, ensure_ascii=False)
+        line = json.dumps({"t": round(time.time(), 3), **event}, ensure_ascii=False).encode()
         path = self.log_dir / message_id
         try:
-            with path.open("ab") as handle:
-                handle.write(line.encode() + b"\n")
-                handle.flush()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size and _last_byte(path, size) != b"\n":
+                    line = b"\n" + line  # end a line torn by a crash, or we would lose ours
+                os.write(fd, line + b"\n")
                 if durable and self.fsync:
-                    os.fsync(handle.fileno())
+                    os.fsync(fd)
+                    if not size:
+                        _fsync_dir(self.log_dir)  # a new journal's name must survive too
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise SpoolError(f"cannot write {path}: {exc.strerror}") from exc
 
@@ -211,6 +224,19 @@ class Spool:
                 path.unlink()
 
     # -- reading ------------------------------------------------------------------------
+
+    def remove_orphan_journals(self) -> int:
+        """Delete journals whose message is gone (a crash between the two unlinks of
+        :meth:`remove`); how many. Startup only."""
+        messages = set(self.ids())
+        orphans = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.log_dir) as entries:
+            for entry in entries:
+                if entry.name not in messages:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    orphans += 1
+        return orphans
 
     def ids(self) -> Iterator[str]:
         try:
