@@ -108,3 +108,21 @@ def write(root: Path, name: str, text: str) -> None:
     path = root / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def free_port_on(host: str) -> int:
+    """A TCP port free on ``host`` now (a receiver on 127.0.0.x that a test starts later)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """The ``Vm*`` lines of ``/proc/<pid>/status`` in bytes: ``VmRSS`` now, ``VmHWM`` its
+    peak (Linux)."""
+    sizes = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Vm") and value.strip().endswith("kB"):
+            sizes[key] = int(value.split()[0]) * 1024
+    return sizes

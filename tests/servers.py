@@ -107,3 +107,35 @@ class ReceivingMTA:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+
+
+@dataclass
+class Tarpit:
+    """``async with Tarpit("127.0.0.2", port)``: a receiving server that accepts connections
+    and never greets, so deliveries to it stay in flight until the client gives up."""
+
+    host: str
+    port: int
+    connections: int = 0
+    _transports: list[asyncio.BaseTransport] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Tarpit:
+        tarpit = self
+
+        class Silent(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                tarpit.connections += 1
+                tarpit._transports.append(transport)
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(Silent, self.host, self.port,
+                                                reuse_address=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for transport in self._transports:
+            transport.abort()
+        await self._server.wait_closed()
