@@ -1,5 +1,7 @@
 """The user docs against the code: every hook, shipped plugin, config key and command is
-documented, and the example plugin in docs/plugins.md runs against the real server.
+documented, every link leads somewhere, the example plugins in docs/plugins.md and
+docs/outbound.md run against the real server, and the retry schedule worked through in
+docs/outbound.md is the one the queue computes.
 
 As datasette's test_docs.py: a hook added without its docs, or docs left behind by a
 renamed key, fails here rather than misleading an operator.
@@ -19,15 +21,19 @@ import pytest
 from harakapy import hookspecs, shipped
 from harakapy.cli import build_parser
 from harakapy.config import Config, ConfigError, IniFile
+from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.server import Server
-from tests.harness import RawClient, running_server, write_config_dir
+from tests.harness import RawClient, eventually, running_server, sendmail, write_config_dir
+from tests.servers import ReceivingMTA
+from tests.test_outbound import free_port_on_all
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 HOOKS_MD = DOCS / "hooks.md"
 CONFIG_MD = DOCS / "config.md"
 PLUGINS_MD = DOCS / "plugins.md"
+OUTBOUND_MD = DOCS / "outbound.md"
 
 _FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.M | re.S)
 _HEADING = re.compile(r"^(#{1,6}) (.+)$", re.M)
@@ -181,21 +187,28 @@ def test_every_ini_section_is_documented(name):
 # -- (4) the example plugin ---------------------------------------------------------------
 
 
-def example_plugin() -> tuple[str, str]:
-    """The example plugin's ``(name, source)``; the name is its docstring's first word."""
-    text = PLUGINS_MD.read_text()
-    marker = "<!-- example: plugin -->"
-    assert marker in text
-    after = text[text.index(marker) + len(marker):]
+def marked_example(page: Path, marker: str) -> tuple[str, str]:
+    """The ``(name, source)`` of the plugin in the ```python block right after
+    ``<!-- example: MARKER -->`` on ``page``; the name is its docstring's first word, and
+    the page must say which file it goes in."""
+    text = page.read_text()
+    comment = f"<!-- example: {marker} -->"
+    assert comment in text, f"{page.name} has no {comment}"
+    after = text[text.index(comment) + len(comment):]
     match = _FENCE.match(after.lstrip("\n"))
     assert match is not None and match.group(1) == "python", (
-        "the example marker must be followed directly by a ```python block")
+        f"{page.name}: {comment} must be followed directly by a ```python block")
     source = match.group(2)
     docstring = ast.get_docstring(ast.parse(source))
-    assert docstring, "the example plugin needs a module docstring naming it"
+    assert docstring, f"{page.name}: the {marker} example needs a module docstring naming it"
     name = docstring.split(":", 1)[0].strip()
-    assert f"DIR/plugins/{name}.py" in text, "docs/plugins.md should say where the file goes"
+    assert f"DIR/plugins/{name}.py" in text, f"{page.name} should say where {name} goes"
     return name, source
+
+
+def example_plugin() -> tuple[str, str]:
+    """The example plugin of docs/plugins.md."""
+    return marked_example(PLUGINS_MD, "plugin")
 
 
 def example_dialogue() -> list[tuple[str, int, str]]:
@@ -277,12 +290,20 @@ async def test_example_plugin_bad_line_on_reload_keeps_the_old_list(example_dir)
 
 
 def hook_examples() -> list[tuple[str, int, str]]:
+    """Every ```python block with a ``@hookimpl`` on every page (hooks.md, plugins.md,
+    outbound.md, the plugin pages, the README)."""
     out = []
-    for page in (HOOKS_MD, PLUGINS_MD):
+    for page in doc_files():
+        name = page.relative_to(ROOT).as_posix()
         for number, (language, body) in enumerate(fenced_blocks(page.read_text())):
             if language == "python" and "@hookimpl" in body:
-                out.append((page.name, number, body))
+                out.append((name, number, body))
     return out
+
+
+def test_outbound_md_examples_are_among_the_hook_examples():
+    pages = {page for page, _, _ in hook_examples()}
+    assert {"docs/hooks.md", "docs/plugins.md", "docs/outbound.md"} <= pages
 
 
 @pytest.mark.parametrize(("page", "number", "source"), hook_examples(),
@@ -342,3 +363,198 @@ def test_documented_commands_exist_and_parse(path, line):
             parser.parse_args(args)
         except SystemExit as exc:
             pytest.fail(f"{path}: 'harakapy {' '.join(args)}' does not parse (exit {exc.code})")
+
+
+# -- (6) links ---------------------------------------------------------------------------
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower-case, punctuation other than ``-`` and ``_``
+    dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    prose = _FENCE.sub("", page.read_text())  # a "# comment" in a code block is no heading
+    return {anchor(match.group(2)) for match in _HEADING.finditer(prose)}
+
+
+def relative_links() -> list[tuple[str, str]]:
+    out = []
+    for page in doc_files():
+        prose = _FENCE.sub("", page.read_text())
+        for target in _LINK.findall(prose):
+            if not re.match(r"^[a-z]+:", target):  # https:, mailto:
+                out.append((page.relative_to(ROOT).as_posix(), target))
+    return out
+
+
+@pytest.mark.parametrize(("page", "target"), relative_links())
+def test_relative_links_lead_to_a_page_and_heading(page, target):
+    path, _, fragment = target.partition("#")
+    destination = (ROOT / page).parent / path if path else ROOT / page
+    assert destination.is_file(), f"{page}: link to {target}: no such file"
+    if fragment:
+        assert fragment in anchors(destination), (
+            f"{page}: link to {target}: {destination.name} has no such heading")
+
+
+# -- (7) docs/outbound.md: settings, retry schedule, example plugins -------------------------
+
+
+def shipped_outbound() -> OutboundSettings:
+    return OutboundSettings.from_config(Config.load(None))
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    (key, value) for name, _, key, value in shipped_ini_keys() if name == "outbound.ini"])
+def test_outbound_md_lists_every_outbound_ini_key_with_its_default(key, value):
+    body = sections(OUTBOUND_MD.read_text())["Settings"]
+    row = re.search(rf"^\| `{re.escape(key)}` \| ([^|]*) \|", body, re.M)
+    assert row is not None, f"docs/outbound.md: Settings has no row for `{key}`"
+    expected = f"`{value}`" if value else "(empty)"
+    assert row.group(1).strip() == expected, (
+        f"docs/outbound.md: `{key}` documented as {row.group(1).strip()}, shipped as "
+        f"{expected}")
+
+
+@pytest.mark.parametrize("key", [key for name, _, key, _ in shipped_ini_keys()
+                                 if name == "outbound.ini"])
+def test_an_empty_outbound_ini_value_means_the_shipped_default(key, config_dir):
+    # config.md: "An empty value (key =) means the built-in default". The built-in
+    # default must then be the documented (shipped) one, or an error that says so.
+    root = config_dir({"outbound.ini": f"[main]\n{key} =\n"})
+    try:
+        settings = OutboundSettings.from_config(Config.load(root))
+    except ConfigError:
+        body = config_section("outbound.ini")
+        row = re.search(rf"^\| `{re.escape(key)}` \|[^\n]*", body, re.M)
+        assert row is not None and "empty value is an error" in row.group(0), (
+            f"`{key} =` is an error; docs/config.md should say so")
+        return
+    assert settings == shipped_outbound()
+
+
+def duration(text: str) -> float:
+    """``0``, ``5m``, ``1h 15m``, ``5d 0h 15m`` in seconds."""
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    parts = re.findall(r"(\d+)([dhm])", text)
+    assert parts and "".join(n + u for n, u in parts) == text.replace(" ", ""), text
+    return float(sum(int(n) * {"d": 86400, "h": 3600, "m": 60}[u] for n, u in parts))
+
+
+def attempt_times(settings: OutboundSettings, count: int) -> list[float]:
+    """When attempts 1..count start after arrival, if each fails at once: the queue waits
+    ``settings.backoff(n)`` after the n-th failed attempt."""
+    times = [0.0]
+    while len(times) < count:
+        times.append(times[-1] + settings.backoff(len(times)))
+    return times
+
+
+def test_worked_retry_schedule_is_the_queues():
+    settings = shipped_outbound()
+    body = sections(OUTBOUND_MD.read_text())["Retries and expiry"]
+    rows = re.findall(r"^\| (\d+) \| ([^|]+) \| ([^|]+) \|$", body, re.M)
+    assert len(rows) >= 8
+    times = attempt_times(settings, max(int(n) for n, _, _ in rows))
+    for number, wait, after in rows:
+        n = int(number)
+        expected_wait = 0.0 if n == 1 else settings.backoff(n - 1)
+        assert duration(wait) == expected_wait, f"attempt {n}: waits {wait}"
+        assert duration(after) == times[n - 1], f"attempt {n}: at {after}"
+    # The last row is the attempt at which the queue gives up: the first one starting at or
+    # after max_queue_lifetime (the queue checks the lifetime after each attempt).
+    last = int(rows[-1][0])
+    assert times[last - 1] >= settings.max_queue_lifetime > times[last - 2]
+    before = re.search(r"Attempt\s+(\d+)\s+\(at\s+([\d dhm]+)\)\s+is\s+still\s+inside",
+                       body)
+    assert before is not None and int(before.group(1)) == last - 1
+    assert duration(before.group(2)) == times[last - 2]
+    warned = re.search(r"with\s+`delay_warning = (\w+)`\s+the\s+notice\s+goes\s+after\s+"
+                       r"attempt\s+(\d+)", body)
+    assert warned is not None
+    first_late = next(n for n, at in enumerate(times, start=1)
+                      if at >= duration(warned.group(1)))
+    assert int(warned.group(2)) == first_late
+
+
+def test_config_md_retry_summary_is_the_queues():
+    row = re.search(r"^\| `max_backoff` \|[^\n]*retries at ([^.]*?) after arrival",
+                    config_section("outbound.ini"), re.M)
+    assert row is not None
+    listed = [duration(item) for item in row.group(1).split(", ")]
+    assert listed == attempt_times(shipped_outbound(), len(listed) + 1)[1:]
+
+
+OUTBOUND_EXAMPLES = ("routes", "delivery_log", "bounce")
+
+
+@pytest.mark.parametrize("marker", OUTBOUND_EXAMPLES)
+def test_outbound_example_is_a_plugin_named_in_its_docstring(marker):
+    name, source = marked_example(OUTBOUND_MD, marker)
+    assert "@hookimpl" in source and f"`{name}`" in OUTBOUND_MD.read_text()
+
+
+async def test_outbound_examples_route_log_and_bounce_real_mail(config_dir, caplog):
+    text = OUTBOUND_MD.read_text()
+    routes, deliveries, quiet = (marked_example(OUTBOUND_MD, m) for m in OUTBOUND_EXAMPLES)
+    caplog.set_level(logging.INFO, logger="harakapy.plugin")
+    port = free_port_on_all()
+    refuse = {"gone@else.test": "550 5.1.1 no such user",
+              "busy@else.test": "451 4.2.0 mailbox busy"}
+    root = config_dir({
+        "me": "mx.harakapy.test\n",
+        "plugins": f"relay\n{routes[0]}\n{deliveries[0]}\n{quiet[0]}\n",
+        # The documented file, so that it must parse; the test's routes come after it and
+        # win (one route per domain, the last line counts): far.test to the "partner",
+        # everything else to the "smarthost".
+        "routes": block_after(text, "`DIR/config/routes`")
+                  + f"far.test [127.0.0.3]:{port}\n* 127.0.0.2:{port}\n",
+        "bounce_quiet": block_after(text, "`DIR/config/bounce_quiet`"),
+        # No DNS at all: every next hop must come from the routes.
+        "dns.ini": "[main]\nnameservers = 127.0.0.1\nport = 9\ntimeout = 0.5\n",
+        "outbound.ini": "[main]\nconnect_timeout = 2\n",
+    }, dict([routes, deliveries, quiet]))
+    body = b"Subject: docs\r\n\r\nhello\r\n"
+    async with (ReceivingMTA("127.0.0.2", port, rcpt_reply=refuse.get) as smarthost,
+                ReceivingMTA("127.0.0.3", port) as partner,
+                running_server(root) as hp):
+        spool = hp.root / "queue" / "msg"
+        await sendmail(hp.port, "alice@client.test", ["bob@far.test"], body)
+        await eventually(lambda: partner.messages)
+        assert partner.messages[0].recipients == ["bob@far.test"]
+
+        await sendmail(hp.port, "alice@client.test",
+                       ["carol@else.test", "gone@else.test", "busy@else.test"], body)
+        await eventually(lambda: any(m.recipients == ["alice@client.test"]
+                                     for m in smarthost.messages))
+        (dsn,) = [m for m in smarthost.messages if m.recipients == ["alice@client.test"]]
+        assert dsn.sender == "<>"
+        assert dsn.data.startswith(b"Reply-To: <postmaster@mx.harakapy.test>\r\nFrom: ")
+        assert b"Final-Recipient: rfc822; gone@else.test" in dsn.data
+        assert ["carol@else.test"] in [m.recipients for m in smarthost.messages]
+
+        for sender in ("probe@monitor.example", "someone@news.example"):
+            await sendmail(hp.port, sender, ["gone@else.test"], body)
+
+        def quiet_lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if r.name == f"harakapy.plugin.{quiet[0]}"]
+
+        await eventually(lambda: len(quiet_lines()) == 2 and len(list(spool.iterdir())) == 1)
+        # Only busy@ is left in the spool, and the quiet senders got no DSN.
+        assert not any(set(m.recipients) & {"probe@monitor.example", "someone@news.example"}
+                       for m in smarthost.messages)
+        assert "no DSN to <probe@monitor.example> for <gone@else.test>" in quiet_lines()[0]
+
+    logged = [r.getMessage() for r in caplog.records
+              if r.name == f"harakapy.plugin.{deliveries[0]}"]
+    assert any("to=<bob@far.test>, from=<alice@client.test>, relay=127.0.0.3" in line
+               and "status=sent (250 " in line for line in logged)
+    assert any("to=<busy@else.test>" in line and
+               "status=deferred (451 4.2.0 mailbox busy)" in line for line in logged)
