@@ -1,0 +1,180 @@
+"""Run the benchmark scenarios against harakapy, Haraka and Postfix in one run, and write
+a dated markdown table with the ratios harakapy/peer to bench/results/.
+
+    python -m bench.run                 # everything (installs the peers on first use)
+    python -m bench.run --quick         # a few hundred messages, harakapy only: the smoke
+    python -m bench.run --peers harakapy,postfix --scenarios inbound
+
+Absolute numbers on a shared 2-core machine drift; ratios measured side by side do not
+drift as much, so the table leads with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.loadgen import run_load
+from bench.measure import PeakRss, cpu_seconds
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Row:
+    scenario: str
+    metric: str
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class Sink:
+    """bench/sink.py in its own process."""
+
+    def __init__(self, workdir: Path, *, tls: bool) -> None:
+        self.port = free_port()
+        self.status = workdir / f"sink-{self.port}.json"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.sink", "--port", str(self.port), "--status",
+             str(self.status), *(["--tls"] if tls else [])], cwd=ROOT.parent)
+        deadline = time.monotonic() + 20
+        while not self.status.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("sink did not start")
+            time.sleep(0.05)
+
+    def count(self) -> tuple[int, float, float]:
+        data = json.loads(self.status.read_text())
+        return data["count"], data["first"], data["last"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def get_peer(name: str):
+    from bench import peers
+
+    return peers.PEERS[name]()
+
+
+def inbound(peer, workdir: Path, *, connections: int, messages: int, size: int) -> dict:
+    port = free_port()
+    peer.start(port=port, relay_to=None, starttls_out=False, workdir=workdir)
+    try:
+        before = cpu_seconds(peer.pids())
+        with PeakRss(peer.pids) as rss:
+            result = asyncio.run(run_load("127.0.0.1", port, connections=connections,
+                                          messages=messages, size=size))
+        cpu = cpu_seconds(peer.pids()) - before
+    finally:
+        peer.stop()
+    return {"msgs_per_s": result.msgs_per_s, "p50_ms": result.p50_ms, "p95_ms": result.p95_ms,
+            "p99_ms": result.p99_ms, "cpu_ms_per_msg": round(cpu * 1000 / max(1,
+                                                                                result.accepted),
+                                                              3),
+            "peak_pss_mb": round(rss.peak / 2**20, 1), "errors": result.errors}
+
+
+def relay(peer, workdir: Path, *, total: int, connections: int, tls: bool,
+          size: int = 5000) -> dict:
+    sink = Sink(workdir, tls=tls)
+    port = free_port()
+    peer.start(port=port, relay_to=("127.0.0.1", sink.port), starttls_out=tls, workdir=workdir)
+    try:
+        started = time.time()
+        result = asyncio.run(run_load("127.0.0.1", port, connections=connections,
+                                      messages=total // connections, size=size))
+        deadline = time.monotonic() + 300
+        while sink.count()[0] < result.accepted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        count, _first, last = sink.count()
+    finally:
+        peer.stop()
+        sink.stop()
+    elapsed = max(1e-6, last - started)
+    return {"delivered_per_s": round(count / elapsed, 1), "delivered": count,
+            "accepted": result.accepted}
+
+
+def write_table(rows: list[Row], names: list[str], notes: list[str], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d-%H%M%S")
+    path = out / f"{stamp}.md"
+    peers = [n for n in names if n != "harakapy"]
+    head = ["scenario", "metric", *names, *(f"harakapy/{p}" for p in peers)]
+    lines = [f"# Benchmark {stamp}", "", *notes, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        values = [str(row.values.get(n, "-")) for n in names]
+        ratios = []
+        for peer in peers:
+            ours, theirs = row.values.get("harakapy"), row.values.get(peer)
+            ratios.append(f"{ours / theirs:.2f}" if ours and theirs else "-")
+        lines.append("| " + " | ".join([row.scenario, row.metric, *values, *ratios]) + " |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", default="harakapy,haraka,postfix")
+    parser.add_argument("--scenarios", default="inbound,relay")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few hundred messages, for the test suite's smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table goes")
+    args = parser.parse_args(argv)
+    names = args.peers.split(",")
+    scenarios = args.scenarios.split(",")
+    rows: dict[tuple[str, str], Row] = {}
+
+    def put(scenario: str, metrics: dict, name: str) -> None:
+        for metric, value in metrics.items():
+            rows.setdefault((scenario, metric), Row(scenario, metric)).values[name] = value
+
+    scale = 0.1 if args.quick else 1.0
+    # Not under /tmp: Postfix refuses a queue below a world-writable directory.
+    (ROOT / ".peers").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="run-", dir=ROOT / ".peers") as tmp:
+        workdir = Path(tmp)
+        for name in names:
+            peer = get_peer(name)
+            peer.install()
+            if "inbound" in scenarios:
+                for connections in (1, 10, 50):
+                    for size in (5_000, 100_000):
+                        total = int((1000 if size == 5_000 else 300) * scale)
+                        per = max(1, total // connections)
+                        label = f"inbound c={connections} {size // 1000}KB"
+                        put(label, inbound(peer, workdir / name, connections=connections,
+                                           messages=per, size=size), name)
+            if "relay" in scenarios:
+                total = int(5000 * scale)
+                for tls in (False, True):
+                    label = f"relay {total} msgs {'STARTTLS' if tls else 'plaintext'}"
+                    put(label, relay(peer, workdir / name, total=total, connections=50,
+                                     tls=tls), name)
+    notes = [f"machine: {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()}"
+             " cores; every server fsyncs its queue file before answering 250.",
+             "Ratios > 1 favour harakapy for rates; < 1 for latency, CPU and memory."]
+    path = write_table(list(rows.values()), names, notes, args.out)
+    print(path.read_text())
+    return path
+
+
+if __name__ == "__main__":
+    main()
