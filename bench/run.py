@@ -147,34 +147,43 @@ def main(argv: list[str] | None = None) -> Path:
             rows.setdefault((scenario, metric), Row(scenario, metric)).values[name] = value
 
     scale = 0.1 if args.quick else 1.0
+    notes_extra: list[str] = []
     # Not under /tmp: Postfix refuses a queue below a world-writable directory.
     (ROOT / ".peers").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="run-", dir=ROOT / ".peers") as tmp:
         workdir = Path(tmp)
+        workdir.chmod(0o755)  # Postfix's unprivileged daemons must reach their queue
         for name in names:
-            peer = get_peer(name)
-            peer.install()
-            if "inbound" in scenarios:
-                for connections in (1, 10, 50):
-                    for size in (5_000, 100_000):
-                        total = int((1000 if size == 5_000 else 300) * scale)
-                        per = max(1, total // connections)
-                        label = f"inbound c={connections} {size // 1000}KB"
-                        put(label, inbound(peer, workdir / name, connections=connections,
-                                           messages=per, size=size), name)
-            if "relay" in scenarios:
-                total = int(5000 * scale)
-                for tls in (False, True):
-                    label = f"relay {total} msgs {'STARTTLS' if tls else 'plaintext'}"
-                    put(label, relay(peer, workdir / name, total=total, connections=50,
-                                     tls=tls), name)
+            try:
+                run_peer(name, get_peer(name), workdir, scenarios, scale, put)
+            except Exception as exc:  # one broken peer must not lose the others' numbers
+                print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                notes_extra.append(f"{name} failed: {type(exc).__name__}: {exc}")
     notes = [f"machine: {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()}"
              " cores; every server fsyncs its queue file before answering 250.",
-             "Ratios > 1 favour harakapy for rates; < 1 for latency, CPU and memory."]
+             "Ratios > 1 favour harakapy for rates; < 1 for latency, CPU and memory.",
+             *notes_extra]
     path = write_table(list(rows.values()), names, notes, args.out)
     print(path.read_text())
     return path
 
+
+def run_peer(name: str, peer, workdir: Path, scenarios: list[str], scale: float, put) -> None:
+    """Every scenario against one server; ``put(scenario, metrics, name)`` records them."""
+    peer.install()
+    if "inbound" in scenarios:
+        for connections in (1, 10, 50):
+            for size in (5_000, 100_000):
+                total = int((1000 if size == 5_000 else 300) * scale)
+                label = f"inbound c={connections} {size // 1000}KB"
+                put(label, inbound(peer, workdir / name, connections=connections,
+                                   messages=max(1, total // connections), size=size), name)
+    if "relay" in scenarios:
+        total = int(5000 * scale)
+        for tls in (False, True):
+            label = f"relay {total} msgs {'STARTTLS' if tls else 'plaintext'}"
+            put(label, relay(peer, workdir / name, total=total, connections=50, tls=tls),
+                name)
 
 if __name__ == "__main__":
     main()

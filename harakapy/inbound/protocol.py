@@ -24,6 +24,7 @@ from aiosmtpd.smtp import SMTP, AuthResult
 
 from harakapy.inbound.address import Address, AddressError, parse_params, parse_path
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction, new_id
+from harakapy.inbound.data import MAX_TEXT_LINE, TERMINATOR, decode, too_big
 from harakapy.inbound.received import count_received, received_header
 from harakapy.results import Action, Result, add_enhanced, format_reply, reply_for
 from harakapy.spool.store import SpoolError
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("harakapy.inbound")
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
-MAX_TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6, CRLF included
 # RFC 1870 (SIZE=), RFC 6152 (BODY=8BITMIME), RFC 6531 (SMTPUTF8) and RFC 8689 (REQUIRETLS)
 # each let MAIL FROM grow by their parameter.
 MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 14 + 10 + 11
@@ -566,56 +566,64 @@ class SmtpProtocol(SMTP):
         await self._finish(transaction)
 
     async def _read_data(self) -> tuple[bytes, str | None]:
-        """Read message text up to ``.``; return it unstuffed, or a reply saying why not.
+        """Read message text up to the final dot; return it decoded, or a reply saying why
+        it is refused (sent only after the dot, RFC 5321 4.2.5).
 
-        Memory stays bounded: after a line over 1000 octets or more than
-        ``max_message_bytes``, the rest is read and thrown away, and the reply waits for
-        the final dot (RFC 5321 4.2.5).
+        The reader's search runs in one piece over its buffer. Memory stays bounded by
+        ``max_message_bytes``: beyond it, the text is read and thrown away until the dot.
+        Waiting is bounded by ``timeout`` without progress (and by ``data_timeout`` in all,
+        around this call).
         """
         reader = self._reader
         limit = self.data_size_limit
-        chunks: list[bytes] = []
-        size = 0
-        problem = None
-        fragment = False  # inside a line longer than the reader's limit
-        while True:
-            try:
-                line = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                await reader.readexactly(exc.consumed)
-                problem = problem or "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
-                chunks.clear()
-                fragment = True
-                continue
-            except asyncio.IncompleteReadError:
-                raise ConnectionResetError("client closed the connection in DATA") from None
-            self._reset_timeout()
-            if fragment:
-                fragment = False
-                continue
-            if line == b".\r\n":
+        # Private StreamReader fields, as aiosmtpd itself uses them: a CRLF put in front
+        # lets "CRLF.CRLF" also find an empty message, and the search limit is raised from
+        # the 1001-byte command limit to the message limit for this one read.
+        reader._buffer[0:0] = b"\r\n"  # type: ignore[attr-defined]
+        saved_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = limit + 2 * MAX_TEXT_LINE  # type: ignore[attr-defined]
+        too_much = False
+        try:
+            while True:
+                try:
+                    raw = await self._wait_for_progress(reader.readuntil(TERMINATOR))
+                except asyncio.LimitOverrunError as exc:
+                    await reader.readexactly(exc.consumed)  # over the limit: drop it
+                    too_much = True
+                    continue
+                except asyncio.IncompleteReadError:
+                    raise ConnectionResetError("client closed the connection in DATA"
+                                               ) from None
                 break
-            if problem is not None:
-                continue
-            if line[:1] == b".":
-                line = line[1:]  # the stuffing dot does not count towards the limit
-            if len(line) > MAX_TEXT_LINE:
-                problem = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
-                chunks.clear()
-                continue
-            if b"\n" in line[:-2]:
-                # Bare LF is no line end in SMTP, but some servers after us treat it as one:
-                # normalise it (Postfix's smtpd_forbid_bare_newline = normalize), which
-                # also takes away SMTP smuggling's "<LF>.<LF>" trick.
-                line = line[:-2].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
-            size += len(line)
-            if size > limit:
-                problem = (f"552 5.3.4 Message size exceeds fixed maximum message size "
-                           f"({limit} bytes)")
-                chunks.clear()
-                continue
-            chunks.append(line)
-        return b"".join(chunks), problem
+        finally:
+            reader._limit = saved_limit  # type: ignore[attr-defined]
+        if too_much:
+            return b"", too_big(limit)
+        return decode(raw[2:-3], limit)
+
+    async def _wait_for_progress(self, read: Awaitable[bytes]) -> bytes:
+        """Await ``read`` while the client keeps sending; an idle ``timeout`` ends it."""
+        task = asyncio.ensure_future(read)
+        buffered = len(self._reader._buffer)  # type: ignore[attr-defined]
+        idle = 0
+        try:
+            while True:
+                # Look twice per timeout, so that progress resets aiosmtpd's idle timer
+                # before it fires.
+                done, _ = await asyncio.wait([task], timeout=self._timeout_duration / 2)
+                if done:
+                    return task.result()
+                now = len(self._reader._buffer)  # type: ignore[attr-defined]
+                if now == buffered:
+                    idle += 1
+                    if idle >= 2:
+                        raise TimeoutError("no data within timeout")
+                    continue
+                buffered, idle = now, 0
+                self._reset_timeout()
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def _queue_outbound(self, transaction: Transaction) -> Result:
         """The core outbound queue: store durably, then 250 (never 250 before fsync)."""

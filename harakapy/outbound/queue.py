@@ -14,9 +14,11 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +81,9 @@ class OutboundQueue:
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         self._delivery: Delivery | None = None
+        # Spool writes wait on fsync; many in flight at once let the file system commit
+        # them together (the default executor has only a few threads).
+        self._io = ThreadPoolExecutor(max_workers=64, thread_name_prefix="spool")
         self._resolver_for: object = None
 
     # -- settings that follow reloads -----------------------------------------------------
@@ -105,7 +110,7 @@ class OutboundQueue:
     async def start(self) -> None:
         """Recover the spool (the only full scan) and start delivering."""
         self.spool.create()
-        count = await asyncio.to_thread(self._recover)
+        count = await self._in_thread(self._recover)
         log.info("spool %s: %d message(s) queued", self.spool.root, count)
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
@@ -145,6 +150,12 @@ class OutboundQueue:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._delivery is not None:
             await self._delivery.pool.close()
+        self._io.shutdown(wait=True)
+
+    async def _in_thread(self, function, /, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, functools.partial(function, *args,
+                                                                       **kwargs))
 
     # -- entering the queue ---------------------------------------------------------------
 
@@ -154,7 +165,7 @@ class OutboundQueue:
         :raises SpoolError: it could not be stored; the client must hear 4xx.
         """
         assert transaction.message is not None
-        message = await asyncio.to_thread(
+        message = await self._in_thread(
             self.spool.accept, id=transaction.id, sender=transaction.sender.address,
             recipients=[r.address for r in transaction.recipients],
             message=transaction.message, smtputf8=transaction.smtputf8,
@@ -165,7 +176,7 @@ class OutboundQueue:
 
     async def inject(self, sender: str, recipients: list[str], message: bytes) -> QueuedMessage:
         """Queue a message we made ourselves (a DSN)."""
-        queued = await asyncio.to_thread(
+        queued = await self._in_thread(
             self.spool.accept, id=new_id(), sender=sender, recipients=recipients,
             message=message, smtputf8=not all(r.isascii() for r in recipients),
             arrival=self.clock.time())
@@ -293,7 +304,7 @@ class OutboundQueue:
         if self._jobs.get((job.message_id, job.domain)) is not job:
             return
         try:
-            message = await asyncio.to_thread(self.spool.load, job.message_id)
+            message = await self._in_thread(self.spool.load, job.message_id)
         except SpoolError as exc:
             log.error("cannot load %s: %s", job.message_id, exc)
             self._jobs.pop((job.message_id, job.domain), None)
@@ -314,7 +325,7 @@ class OutboundQueue:
                                for i in indexes], [exc.reason])
             await self._apply(message, job, indexes, outcome, lifetime)
             return
-        body = await asyncio.to_thread(message.read)
+        body = await self._in_thread(message.read)
         outcome = await self.delivery.attempt(
             hosts, message.sender, [message.recipients[i].address for i in indexes], body,
             smtputf8=message.smtputf8)
@@ -397,7 +408,7 @@ class OutboundQueue:
                       durable: bool) -> None:
         if message.id not in self._open_domains:
             return  # deleted by the operator meanwhile
-        await asyncio.to_thread(self.spool.record, message.id, event, durable=durable)
+        await self._in_thread(self.spool.record, message.id, event, durable=durable)
         apply_event(message, event)
 
     async def _bounce(self, message: QueuedMessage, bounced: list[RecipientResult]) -> None:
@@ -408,7 +419,7 @@ class OutboundQueue:
                      failure.diagnostic)
         recipients = [message.recipients[r.index] for r in bounced]
         if not message.is_bounce:
-            dsn = await asyncio.to_thread(build_dsn, message, failures, me=self.server.me)
+            dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me)
             answer = await self.server.plugins.call_first(
                 "bounce", message=message, recipients=recipients, dsn=dsn, server=self.server)
             if isinstance(answer, bytes):
@@ -435,7 +446,7 @@ class OutboundQueue:
                 or self.clock.time() - message.arrival < warning):
             return
         failures = [Failure(message.recipients[i].address, "4.4.7", why) for i in retry]
-        dsn = await asyncio.to_thread(build_dsn, message, failures, me=self.server.me,
+        dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me,
                                       delayed=True, retry_until=message.arrival + lifetime)
         await self.inject("", [message.sender], dsn)
         await self._record(message, {"warned": True}, durable=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,6 +123,43 @@ def _last_byte(path: Path, size: int) -> bytes:
         return handle.read(1)
 
 
+class GroupSync:
+    """fsync one directory for many writers at once (group commit).
+
+    A writer that renamed its file in calls :meth:`sync`; if an fsync is already running,
+    it waits for the next one, which covers every rename made before it started. Under
+    load one directory fsync then serves many messages, and no writer returns before an
+    fsync that began after its rename has finished.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._synced = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._issued += 1
+            ticket = self._issued
+            while self._synced < ticket:
+                if not self._running:
+                    self._running = True
+                    covers = self._issued
+                    break
+                self._cond.wait()
+            else:
+                return
+        try:
+            _fsync_dir(self.path)
+        finally:
+            with self._cond:
+                self._running = False
+                self._synced = max(self._synced, covers)
+                self._cond.notify_all()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -144,6 +182,7 @@ class Spool:
         self.tmp_dir = root / "tmp"
         self.msg_dir = root / "msg"
         self.log_dir = root / "log"
+        self._msg_sync = GroupSync(self.msg_dir)
 
     def create(self) -> None:
         try:
@@ -182,7 +221,7 @@ class Spool:
                     os.fsync(handle.fileno())
             os.rename(tmp, final)
             if self.fsync:
-                _fsync_dir(self.msg_dir)
+                self._msg_sync.sync()
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
