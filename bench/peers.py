@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -199,7 +200,8 @@ class HarakapyPeer(_Child):
     name = "harakapy"
 
     def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path) -> None:
+              workdir: Path, prepare: Callable[[Path], None] | None = None) -> None:
+        """As :class:`Peer`; ``prepare(home)`` runs before launch (to preload a spool)."""
         # Outbound STARTTLS is always opportunistic in harakapy (no switch): with a sink
         # that offers none, starttls_out=False is the same thing.
         route = relay_to or CLOSED
@@ -216,7 +218,11 @@ class HarakapyPeer(_Child):
         (home / "plugins" / "bench_route.py").write_text(
             '"""Benchmark routing: every domain to the sink (or a closed port)."""\n\n'
             "from harakapy import hookimpl\n\n\n"
-            f"@hookimpl\ndef get_mx(domain):\n    return \"{route[0]}:{route[1]}\"\n")
+            f"@hookimpl\ndef get_mx(domain):\n    if domain == \"dead.test\":\n"
+            f"        return \"{CLOSED[0]}:{CLOSED[1]}\"\n"
+            f"    return \"{route[0]}:{route[1]}\"\n")
+        if prepare is not None:
+            prepare(home)
         self._launch([sys.executable, "-m", "harakapy", "run", "-c", home,
                       "--log-level", "warning"], home, port)
 

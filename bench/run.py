@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.loadgen import run_load
-from bench.measure import PeakRss, cpu_seconds
+from bench.loadgen import make_message, run_load
+from bench.measure import PeakRss, cpu_seconds, rss_bytes
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -47,6 +47,7 @@ class Sink:
 
     def __init__(self, workdir: Path, *, tls: bool) -> None:
         self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
         self.status = workdir / f"sink-{self.port}.json"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.sink", "--port", str(self.port), "--status",
@@ -111,6 +112,84 @@ def relay(peer, workdir: Path, *, total: int, connections: int, tls: bool,
             "accepted": result.accepted}
 
 
+def idle_connections(peer, workdir: Path, *, count: int = 1000) -> dict:
+    """Memory for ``count`` connections that got their greeting and then say nothing."""
+    port = free_port()
+    peer.start(port=port, relay_to=None, starttls_out=False, workdir=workdir)
+
+    async def hold() -> tuple[int, int, int]:
+        base = rss_bytes(peer.pids())
+        writers, greeted = [], 0
+
+        async def one() -> None:
+            nonlocal greeted
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return
+            writers.append(writer)
+            try:
+                if (await asyncio.wait_for(reader.readline(), 10)).startswith(b"220"):
+                    greeted += 1
+            except (TimeoutError, OSError):
+                pass
+
+        await asyncio.gather(*(one() for _ in range(count)))
+        held = rss_bytes(peer.pids())
+        for writer in writers:
+            writer.close()
+        return base, held, greeted
+
+    try:
+        base, held, greeted = asyncio.run(hold())
+    finally:
+        peer.stop()
+    return {"greeted": greeted,
+            "pss_per_1000_idle_mb": round((held - base) / 2**20 * 1000 / max(1, greeted), 1)}
+
+
+def queued(peer, workdir: Path, *, backlog: int, total: int = 5000) -> dict:
+    """harakapy only: delivery with ``backlog`` deferred messages already queued."""
+    sink = Sink(workdir, tls=False)
+    port = free_port()
+    recovered = {}
+
+    def preload(home: Path) -> None:
+        from harakapy.spool.store import Spool
+
+        spool = Spool(home / "queue", fsync=False)
+        spool.create()
+        body = make_message(5000, 0)
+        later = time.time() + 3600
+        started = time.monotonic()
+        for n in range(backlog):
+            message_id = f"BACKLOG{n:08d}"
+            spool.accept(id=message_id, sender="bench@load.test",
+                         recipients=[f"r{n}@dead.test"], message=body)
+            spool.record(message_id, {"domain": "dead.test", "attempts": 1, "next": later},
+                         durable=False)
+        recovered["preload_s"] = round(time.monotonic() - started, 1)
+
+    started = time.monotonic()
+    peer.start(port=port, relay_to=("127.0.0.1", sink.port), starttls_out=False,
+               workdir=workdir, prepare=preload)
+    recovered["start_s"] = round(time.monotonic() - started - recovered["preload_s"], 1)
+    try:
+        memory = rss_bytes(peer.pids())
+        began = time.time()
+        result = asyncio.run(run_load("127.0.0.1", port, connections=50,
+                                      messages=total // 50, size=5000))
+        deadline = time.monotonic() + 300
+        while sink.count()[0] < result.accepted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        count, _first, last = sink.count()
+    finally:
+        peer.stop()
+        sink.stop()
+    return {"delivered_per_s": round(count / max(1e-6, last - began), 1),
+            "startup_s": recovered["start_s"], "pss_mb": round(memory / 2**20, 1)}
+
+
 def write_table(rows: list[Row], names: list[str], notes: list[str], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d-%H%M%S")
@@ -133,7 +212,7 @@ def write_table(rows: list[Row], names: list[str], notes: list[str], out: Path) 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", default="harakapy,haraka,postfix")
-    parser.add_argument("--scenarios", default="inbound,relay")
+    parser.add_argument("--scenarios", default="inbound,relay,idle,queued")
     parser.add_argument("--quick", action="store_true",
                         help="a few hundred messages, for the test suite's smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table goes")
@@ -184,6 +263,15 @@ def run_peer(name: str, peer, workdir: Path, scenarios: list[str], scale: float,
             label = f"relay {total} msgs {'STARTTLS' if tls else 'plaintext'}"
             put(label, relay(peer, workdir / name, total=total, connections=50, tls=tls),
                 name)
+    if "idle" in scenarios:
+        put("1000 idle connections", idle_connections(peer, workdir / name), name)
+    if "queued" in scenarios and name == "harakapy":
+        backlog = int(100_000 * scale)
+        total = int(5000 * scale)
+        put(f"relay {total} msgs, empty queue", queued(peer, workdir / name, backlog=0,
+                                                       total=total), name)
+        put(f"relay {total} msgs, {backlog} queued",
+            queued(peer, workdir / name, backlog=backlog, total=total), name)
 
 if __name__ == "__main__":
     main()

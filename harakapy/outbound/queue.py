@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import heapq
 import itertools
 import logging
@@ -112,6 +113,10 @@ class OutboundQueue:
         self.spool.create()
         count = await self._in_thread(self._recover)
         log.info("spool %s: %d message(s) queued", self.spool.root, count)
+        # The jobs recovered from a large spool live long: leave them out of the cyclic
+        # garbage collector's full passes, which would otherwise walk them all again and
+        # again (measured: 100,000 queued slowed delivery by a fifth).
+        gc.freeze()
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
     def _recover(self) -> int:
