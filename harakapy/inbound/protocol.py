@@ -79,6 +79,7 @@ class SmtpProtocol(SMTP):
         self._busy = False
         self._auth_failures = 0
         self._implicit_handshake: asyncio.Future[None] | None = None
+        self._replies: list[bytes] = []
         self._smtp_methods = {name: self._guarded(method)
                               for name, method in self._smtp_methods.items()}
 
@@ -107,16 +108,32 @@ class SmtpProtocol(SMTP):
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = _printable(add_enhanced(status))
-        await super().push(status)
+        await self._reply(status)
 
-    async def _push_raw(self, status: str) -> None:
-        await super().push(status)
+    async def _push_raw(self, status: str, *, flush: bool = False) -> None:
+        await self._reply(status, flush=flush)
+
+    async def _reply(self, status: str | bytes, *, flush: bool = False) -> None:
+        """Queue one reply; send what is queued unless the client already sent its next
+        command (RFC 2920: answer a pipelined batch in one write, as Postfix does)."""
+        data = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii",
+                             "replace") if isinstance(status, str) else status
+        self._replies.append(data + b"\r\n")
+        # A complete line waiting in the reader means the next read will not block, so a
+        # success can ride along with the next reply. Anything else goes out at once:
+        # aiosmtpd closes the connection right after some refusals, and after 221.
+        if (not flush and data[:1] == b"2" and data[:3] not in (b"220", b"221")
+                and b"\n" in self._reader._buffer):  # type: ignore[attr-defined]
+            return
+        replies, self._replies = b"".join(self._replies), []
+        self._writer.write(replies)
+        await self._writer.drain()
 
     async def _close_with(self, reply: str) -> None:
         if self.transport is None:
             return
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self._push_raw(reply)
+            await self._push_raw(reply, flush=True)
         if self.transport is not None:
             self.transport.close()
 
@@ -273,7 +290,7 @@ class SmtpProtocol(SMTP):
         if self.tls_context is None or self.connection.tls is not None:
             await self.push("454 4.7.0 TLS not available")
             return
-        await self._push_raw("220 2.0.0 Ready to start TLS")
+        await self._push_raw("220 2.0.0 Ready to start TLS", flush=True)
         await self._finish_tls(self._begin_tls(self.tls_context))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -546,7 +563,7 @@ class SmtpProtocol(SMTP):
                               default_enhanced="5.7.1", ok_reply=None) is not None:
             connection.transaction = None
             return
-        await self._push_raw("354 End data with <CR><LF>.<CR><LF>")
+        await self._push_raw("354 End data with <CR><LF>.<CR><LF>", flush=True)
         try:
             async with asyncio.timeout(self.server.settings.data_timeout):
                 content, problem = await self._read_data()
@@ -586,7 +603,10 @@ class SmtpProtocol(SMTP):
         try:
             while True:
                 try:
-                    raw = await self._wait_for_progress(reader.readuntil(TERMINATOR))
+                    if TERMINATOR in reader._buffer:  # type: ignore[attr-defined]
+                        raw = await reader.readuntil(TERMINATOR)  # all here: no waiting
+                    else:
+                        raw = await self._wait_for_progress(reader.readuntil(TERMINATOR))
                 except asyncio.LimitOverrunError as exc:
                     await reader.readexactly(exc.consumed)  # over the limit: drop it
                     too_much = True

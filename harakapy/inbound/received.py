@@ -6,6 +6,8 @@ Postfix's ``(using TLSv1.3 with cipher ...)`` comment, which tools already parse
 
 from __future__ import annotations
 
+import functools
+import time
 from email.utils import formatdate
 
 from harakapy.inbound.connection import Connection, Transaction
@@ -37,8 +39,14 @@ def received_header(connection: Connection, transaction: Transaction, me: str,
     protocol = protocol_name(connection, transaction)
     lines.append(f"\tby {me} (harakapy) with {protocol} id {transaction.id}")
     rcpt = f"for {transaction.recipients[0]}; " if len(transaction.recipients) == 1 else ""
-    lines.append(f"\t{rcpt}{formatdate(now, localtime=False, usegmt=True)}")
+    lines.append(f"\t{rcpt}{_date(int(time.time() if now is None else now))}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    # One RFC 5322 date per second serves every message received in it.
+    return formatdate(second, localtime=False, usegmt=True)
 
 
 def _clean(text: str) -> str:
