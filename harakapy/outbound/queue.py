@@ -251,30 +251,31 @@ class OutboundQueue:
                 await asyncio.sleep(1.0)
 
     async def _run_once(self) -> None:
-        if True:
-            now = self.clock.time()
-            settings = self.settings
-            while self._heap and self._heap[0][0] <= now and \
-                    self._active < settings.concurrency:
-                _, _, job = heapq.heappop(self._heap)
-                if job.cancelled:
-                    continue
-                if self._active_domains.get(job.domain, 0) >= settings.domain_concurrency:
-                    self._waiting.setdefault(job.domain, []).append(job)
-                    continue
-                self._start(job)
-            await self.delivery.pool.expire()
-            self._wake.clear()
-            delay = 5.0
-            if self._heap and self._active < settings.concurrency:
-                delay = min(delay, max(0.0, self._heap[0][0] - now))
-            sleeper = asyncio.ensure_future(self.clock.sleep(delay))
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait([sleeper, waker], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                sleeper.cancel()
-                waker.cancel()
+        """Start the jobs that are due (within the limits), then sleep until the next one
+        is due or something changes."""
+        now = self.clock.time()
+        settings = self.settings
+        while self._heap and self._heap[0][0] <= now and \
+                self._active < settings.concurrency:
+            _, _, job = heapq.heappop(self._heap)
+            if job.cancelled:
+                continue
+            if self._active_domains.get(job.domain, 0) >= settings.domain_concurrency:
+                self._waiting.setdefault(job.domain, []).append(job)
+                continue
+            self._start(job)
+        await self.delivery.pool.expire()
+        self._wake.clear()
+        delay = 5.0
+        if self._heap and self._active < settings.concurrency:
+            delay = min(delay, max(0.0, self._heap[0][0] - now))
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait([sleeper, waker], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     def _start(self, job: Job) -> None:
         self._running.add((job.message_id, job.domain))
