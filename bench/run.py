@@ -104,19 +104,26 @@ def relay(peer, workdir: Path, *, total: int, connections: int, tls: bool,
     port = free_port()
     peer.start(port=port, relay_to=("127.0.0.1", sink.port), starttls_out=tls, workdir=workdir)
     try:
-        started = time.time()
-        result = asyncio.run(run_load("127.0.0.1", port, connections=connections,
-                                      messages=total // connections, size=size))
-        deadline = time.monotonic() + 300
-        while sink.count()[0] < result.accepted and time.monotonic() < deadline:
-            time.sleep(0.1)
-        count, _first, last = sink.count()
+        rate, count, accepted = relay_through(port, sink, total=total,
+                                              connections=connections, size=size)
     finally:
         peer.stop()
         sink.stop()
-    elapsed = max(1e-6, last - started)
-    return {"delivered_per_s": round(count / elapsed, 1), "delivered": count,
-            "accepted": result.accepted}
+    return {"delivered_per_s": rate, "delivered": count, "accepted": accepted}
+
+
+def relay_through(port: int, sink: Sink, *, total: int, connections: int = 50,
+                  size: int = 5000) -> tuple[float, int, int]:
+    """Send ``total`` messages to ``port`` and wait until the sink has them all:
+    ``(delivered per second end to end, delivered, accepted)``."""
+    started = time.time()
+    result = asyncio.run(run_load("127.0.0.1", port, connections=connections,
+                                  messages=total // connections, size=size))
+    deadline = time.monotonic() + 300
+    while sink.count()[0] < result.accepted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    count, _first, last = sink.count()
+    return round(count / max(1e-6, last - started), 1), count, result.accepted
 
 
 def idle_connections(peer, workdir: Path, *, count: int = 1000) -> dict:
@@ -183,18 +190,12 @@ def queued(peer, workdir: Path, *, backlog: int, total: int = 5000) -> dict:
     recovered["start_s"] = round(time.monotonic() - started - recovered["preload_s"], 1)
     try:
         memory = rss_bytes(peer.pids())
-        began = time.time()
-        result = asyncio.run(run_load("127.0.0.1", port, connections=50,
-                                      messages=total // 50, size=5000))
-        deadline = time.monotonic() + 300
-        while sink.count()[0] < result.accepted and time.monotonic() < deadline:
-            time.sleep(0.1)
-        count, _first, last = sink.count()
+        rate, _count, _accepted = relay_through(port, sink, total=total)
     finally:
         peer.stop()
         sink.stop()
-    return {"delivered_per_s": round(count / max(1e-6, last - began), 1),
-            "startup_s": recovered["start_s"], "pss_mb": round(memory / 2**20, 1)}
+    return {"delivered_per_s": rate, "startup_s": recovered["start_s"],
+            "pss_mb": round(memory / 2**20, 1)}
 
 
 def write_table(rows: list[Row], names: list[str], notes: list[str], out: Path) -> Path:
