@@ -185,6 +185,13 @@ class IniFile:
             raise self.error(section, key, f"must be at least {minimum}, got {number}")
         return number
 
+    def get_port(self, section: str, key: str, default: int) -> int:
+        """A TCP port, 1 to 65535."""
+        port = self.get_int(section, key, default, minimum=1)
+        if port > 65535:
+            raise self.error(section, key, f"port {port} out of range (1-65535)")
+        return port
+
     def get_duration(self, section: str, key: str, default: float = 0.0) -> float:
         """Seconds, written as a number (seconds) or with a unit: ``90s``, ``5m``, ``1h``,
         ``5d``."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harakapy import __version__
+from tests.harness import insecure_client_context
 from tests.processes import MAILDROP_PLUGIN, ServerProcess, free_port, harakapy, write
 
 
@@ -62,8 +63,7 @@ def test_init_writes_a_working_directory_and_refuses_a_non_empty_one(tmp_path):
 
 
 def test_send_with_and_without_starttls_and_received_shows_tls(running, mta_dir):
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context = insecure_client_context()
     with smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30) as smtp:
         smtp.sendmail("a@client.test", ["b@example.test"], b"Subject: plain\r\n\r\nx\r\n")
     with smtplib.SMTP("127.0.0.1", mta_dir.port, timeout=30) as smtp:

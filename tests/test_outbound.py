@@ -395,7 +395,9 @@ async def test_ascii_message_declared_smtputf8_goes_to_a_server_without_it(env):
     assert "SMTPUTF8" not in mx.messages[0].mail_options
 
 
-async def test_starttls_refused_goes_on_in_plaintext_at_may(env, tls_ca, tmp_path):
+async def test_may_encrypts_even_when_the_certificate_proves_nothing(env, tls_ca, tmp_path):
+    # The "may" level (RFC 7435) authenticates no one: a certificate for another name,
+    # from a CA we do not trust, still gets the message encrypted rather than plaintext.
     cert = tls_ca.issue_cert("mx.other.test")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))

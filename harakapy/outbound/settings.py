@@ -51,7 +51,7 @@ class OutboundSettings:
         return cls(
             concurrency=ini.get_int("main", "concurrency", 100, minimum=1),
             domain_concurrency=ini.get_int("main", "domain_concurrency", 10, minimum=1),
-            port=_port(ini),
+            port=ini.get_port("main", "port", 25),
             local_address=local,
             ipv4="ipv4" in protocols,
             ipv6="ipv6" in protocols,
@@ -75,9 +75,3 @@ class OutboundSettings:
         ``min_backoff`` up to ``max_backoff`` (Postfix's shape)."""
         return min(self.max_backoff, self.min_backoff * 2 ** max(0, attempts - 1))
 
-
-def _port(ini) -> int:
-    port = ini.get_int("main", "port", 25, minimum=1)
-    if port > 65535:
-        raise ini.error("main", "port", f"port {port} out of range")
-    return port

@@ -22,10 +22,8 @@ def load_backend(config: Config) -> MxHost:
     host = ini.get_str("main", "host").strip()
     if not host:
         raise ini.error("main", "host", "the backend's host name or IP address is required")
-    port = ini.get_int("main", "port", 25, minimum=1)
-    if port > 65535:
-        raise ini.error("main", "port", f"port {port} out of range")
-    return MxHost(host.strip("[]"), 0, port, lmtp=ini.get_bool("main", "lmtp", False))
+    return MxHost(host.strip("[]"), 0, ini.get_port("main", "port", 25),
+                  lmtp=ini.get_bool("main", "lmtp", False))
 
 
 def _backend(server) -> MxHost:
