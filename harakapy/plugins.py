@@ -28,6 +28,7 @@ from harakapy import hookspecs, shipped
 from harakapy.config import Config, ConfigError, Entry
 from harakapy.outbound.mx import MxHost
 from harakapy.results import Result, denysoft
+from harakapy.tls.policy import Policy
 
 log = logging.getLogger("harakapy.plugins")
 
@@ -62,6 +63,7 @@ _ANSWER_TYPES: dict[str, tuple[type, ...]] = {
     "inbound_tls": (ssl.SSLContext,),
     "get_mx": (Result, MxHost, str, list, tuple),
     "bounce": (Result, bytes),
+    "tls_policy": (Result, Policy),
 }
 
 
@@ -222,22 +224,27 @@ class PluginManager:
         (``False`` where a :class:`Result` belongs) is logged with its name, and the answer
         is a temporary failure (:func:`~harakapy.denysoft`), never an accept.
         """
+        answer, _plugin = await self.call_first_named(hook, **kwargs)
+        return answer
+
+    async def call_first_named(self, hook: str, **kwargs: object) -> tuple[Any, str]:
+        """:meth:`call_first`, also naming the plugin that answered (empty for none)."""
         expected = _ANSWER_TYPES.get(hook, (Result,))
         for impl in self.implementations(hook):
             try:
                 answer = await self._run(impl, kwargs)
             except Exception:  # not BaseException: cancellation must pass through
                 log.exception("plugin %s failed in hook %s", impl.plugin_name, hook)
-                return self.failure_result(hook, impl.plugin_name)
+                return self.failure_result(hook, impl.plugin_name), impl.plugin_name
             if answer is not None and not isinstance(answer, expected):
                 log.error("plugin %s answered hook %s with %r; expected %s or None",
                           impl.plugin_name, hook, answer,
                           " or ".join(t.__name__ for t in expected))
-                return self.failure_result(hook, impl.plugin_name)
+                return self.failure_result(hook, impl.plugin_name), impl.plugin_name
             if answer is not None:
                 log.debug("hook %s decided by %s: %r", hook, impl.plugin_name, answer)
-                return answer
-        return None
+                return answer, impl.plugin_name
+        return None, ""
 
     async def call_all(self, hook: str, *, raise_errors: bool = False,
                        **kwargs: object) -> None:
