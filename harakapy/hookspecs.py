@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from harakapy.results import Result
     from harakapy.server import Server
     from harakapy.spool.store import QueuedMessage, QueuedRecipient
+    from harakapy.tls.policy import Policy
+    from harakapy.tls.results import TlsResult
 
 hookspec = pluggy.HookspecMarker("harakapy")
 
@@ -252,6 +254,47 @@ def get_mx(message: QueuedMessage, domain: str, server: Server
 
     Stops at the first non-None result. A plugin that fails defers the mail (4.3.0); it
     never falls back to DNS.
+    """
+
+
+@hookspec(firstresult=True)
+def tls_policy(domain: str, hosts: list[MxHost], routed: bool, message: QueuedMessage | None,
+               server: Server) -> Policy | None:
+    """The TLS policy for mail to ``domain``: what each of its MX hosts must offer.
+
+    :param domain: The destination: the recipient domain. When a ``get_mx`` plugin routed
+        the mail (``routed`` is true), the policy is that route's: Postfix looks up the
+        next hop (``[host]:port``), not the recipient domain, and so does ``tls_require``.
+    :param hosts: The hosts to be tried, in order (MX records or the route).
+    :param message: The message being delivered; ``None`` when ``harakapy tls-policy``
+        asks.
+
+    Return a :class:`~harakapy.tls.policy.Policy` (``Policy(Level.VERIFY)``), or ``None``
+    to let the next plugin decide; when none does, ``[outbound] default_level`` in
+    ``config/tls.ini`` applies (``may``). The shipped order ``tls_require, dane, mta_sts``
+    puts the operator's table first, then DANE (RFC 8461 section 2: MTA-STS must not
+    override DANE), then MTA-STS.
+
+    Stops at the first non-None result. A plugin that fails defers the mail (4.7.0): a
+    broken policy source never becomes a weaker policy.
+    """
+
+
+@hookspec
+def tls_result(result: TlsResult, server: Server) -> None:
+    """One outbound TLS negotiation ended, in success or failure (invariant 5).
+
+    :param result: A :class:`~harakapy.tls.results.TlsResult`: ``domain``, ``level``, the
+        RFC 8460 ``policy_type``/``policy_domain``/``policy_strings``/
+        ``mx_host_patterns``, ``mx_hostname``, ``receiving_ip``, ``receiving_helo``,
+        ``sending_ip``, ``tls_version``, ``cipher``, and on failure ``failure``
+        (``result_type``, ``reason``, ``code``). ``enforced`` is false when the failure
+        did not stop the mail (``may``, a report-only policy).
+
+    Called once per session in which TLS was required or attempted, before any message
+    data is sent on it; a reused session is not reported again (RFC 8460 4.1).
+
+    Every plugin is called; exceptions are logged.
     """
 
 

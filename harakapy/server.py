@@ -29,6 +29,7 @@ from harakapy.outbound.queue import OutboundQueue
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.spool.store import Spool, SpoolError
+from harakapy.tls.settings import TlsSettings
 
 log = logging.getLogger("harakapy.server")
 
@@ -50,7 +51,7 @@ class _State:
 
 def _build_state(config: Config) -> _State:
     settings = InboundSettings.from_config(config)
-    config.ini("tls.ini").check_known(config.shipped_ini("tls.ini"))
+    config.derive("tls.outbound", TlsSettings.from_config)  # checks all of tls.ini
     # Checked now so a bad value stops the start (or the reload) with file:line.
     config.derive("outbound.settings", OutboundSettings.from_config)
     config.derive("outbound.resolver", Resolver.from_config)

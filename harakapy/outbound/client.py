@@ -49,13 +49,16 @@ class SessionError(Exception):
     :ivar stage: ``connect``, ``greeting``, ``ehlo``, ``starttls``, ``tls``, ``mail``,
         ``rcpt``, ``data``.
     :ivar reply: The server's reply, when it gave one.
+    :ivar error: The exception behind it (the :mod:`ssl` error of a failed handshake).
     """
 
-    def __init__(self, stage: str, reason: str, reply: Reply | None = None) -> None:
+    def __init__(self, stage: str, reason: str, reply: Reply | None = None,
+                 error: BaseException | None = None) -> None:
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
         self.reason = reason
         self.reply = reply
+        self.error = error
 
     @property
     def permanent(self) -> bool:
@@ -111,6 +114,7 @@ class SmtpSession:
         self.extensions: dict[str, str] = {}
         self.greeting: Reply | None = None
         self.ehlo_name: str = ""
+        self.server_name: str = ""  # the name the server gave in its EHLO reply
         self.peer_ip: str = ""
         self.messages_sent = 0
 
@@ -201,6 +205,7 @@ class SmtpSession:
         if reply.code != 250:
             raise SessionError("ehlo", f"EHLO refused: {reply}", reply)
         self.extensions = {}
+        self.server_name = lines[0].split(" ", 1)[0] if lines and lines[0] else ""
         for line in lines[1:]:
             keyword, _, params = line.partition(" ")
             self.extensions[keyword.upper()] = params
@@ -214,10 +219,11 @@ class SmtpSession:
         return extension.upper() in self.extensions
 
     async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
-        """STARTTLS and the handshake; then EHLO again (RFC 3207 4.2).
+        """STARTTLS and the handshake, and nothing more: the caller checks the certificate
+        and then says EHLO again (RFC 3207 4.2), or QUIT.
 
         :raises SessionError: ``starttls`` when refused, ``tls`` when the handshake fails
-            (the reason carries ssl's verification message).
+            (``error`` holds the :mod:`ssl` exception).
         """
         reply = await self.command("starttls", "STARTTLS")
         if reply.code != 220:
@@ -229,14 +235,24 @@ class SmtpSession:
             raise SessionError("tls", "TLS handshake timed out") from None
         except ssl.SSLCertVerificationError as exc:
             raise SessionError("tls", f"certificate verification failed: "
-                                      f"{exc.verify_message or exc.reason}") from None
+                                      f"{exc.verify_message or exc.reason}", error=exc
+                               ) from None
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            raise SessionError("tls", f"TLS handshake failed: {exc}") from None
-        await self.ehlo(self.ehlo_name)
+            raise SessionError("tls", f"TLS handshake failed: {exc}", error=exc) from None
 
     @property
     def ssl_object(self) -> ssl.SSLObject | None:
         return self.writer.get_extra_info("ssl_object")
+
+    @property
+    def local_ip(self) -> str:
+        sockname = self.writer.get_extra_info("sockname")
+        return sockname[0] if sockname else ""
+
+    @property
+    def tls_version(self) -> str:
+        ssl_object = self.ssl_object
+        return (ssl_object.version() or "") if ssl_object is not None else ""
 
     @property
     def is_usable(self) -> bool:

@@ -2,23 +2,24 @@
 turn, and what became of each recipient.
 
 The connection step (:meth:`Delivery.open_session`) is the one place a session is opened,
-greeted and encrypted; the TLS policy engine plugs in there. This module does not schedule,
+greeted and encrypted, and it encrypts only through :class:`~harakapy.outbound.negotiate.
+Negotiator`, which enforces the destination's TLS policy. This module does not schedule,
 write the spool or call hooks: the queue runner does, with the :class:`Outcome` returned.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import ssl
 from dataclasses import dataclass, field
 
 from harakapy.dns import DnsError, NoSuchDomain, Resolver
 from harakapy.outbound.client import Reply, SessionError, SmtpSession
 from harakapy.outbound.mx import MxHost
+from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
 from harakapy.outbound.settings import OutboundSettings
+from harakapy.tls.policy import Policy
 
 log = logging.getLogger("harakapy.outbound")
 
@@ -37,8 +38,14 @@ class RecipientResult:
 
 @dataclass(slots=True)
 class Outcome:
+    """:ivar errors: Per-host failures, for logs and DSNs.
+    :ivar tls_status: The RFC 3463 status of the last TLS policy failure (``4.7.5``), when
+        one kept the mail from a host: a deferral and an expiry say so.
+    """
+
     results: list[RecipientResult] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)  # per-host failures, for logs and DSNs
+    errors: list[str] = field(default_factory=list)
+    tls_status: str = ""
 
 
 def _enhanced(reply: Reply, default: str) -> str:
@@ -48,8 +55,8 @@ def _enhanced(reply: Reply, default: str) -> str:
 class ConnectionPool:
     """Idle sessions kept for reuse, keyed by host, address, port, protocol and TLS state.
 
-    A session opened under one TLS requirement is never handed to a delivery that needs
-    another: the key carries it.
+    A session opened under one TLS policy is never handed to a delivery under another: the
+    key carries the policy's :attr:`~harakapy.outbound.negotiate.HostPlan.session_key`.
     """
 
     def __init__(self, settings: OutboundSettings, loop_time) -> None:
@@ -96,26 +103,16 @@ class ConnectionPool:
         self._idle.clear()
 
 
-def _opportunistic_context() -> ssl.SSLContext:
-    # Level "may": encrypt if offered, verify nothing (RFC 7435 opportunistic security).
-    # The policy engine gives stricter levels their own contexts.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # "may" authenticates no one, as in Postfix
-    with contextlib.suppress(ssl.SSLError):
-        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # any encryption beats plaintext here
-    return context
-
-
 class Delivery:
     """Delivers messages to hosts; one per queue runner (it owns the connection pool)."""
 
-    def __init__(self, settings: OutboundSettings, resolver: Resolver, me: str) -> None:
+    def __init__(self, settings: OutboundSettings, resolver: Resolver, me: str,
+                 tls: Negotiator) -> None:
         self.settings = settings
         self.resolver = resolver
         self.me = me
+        self.tls = tls
         self.pool = ConnectionPool(settings, asyncio.get_running_loop().time)
-        self._may_context = _opportunistic_context()
 
     async def addresses(self, host: MxHost) -> list[str]:
         """The IPs for ``host``: itself when it is an IP literal, else A/AAAA.
@@ -130,58 +127,54 @@ class Delivery:
         return await self.resolver.addresses(host.hostname, ipv4=self.settings.ipv4,
                                              ipv6=self.settings.ipv6)
 
-    async def open_session(self, host: MxHost, ip: str, *, reuse: bool = True
+    async def open_session(self, plan: HostPlan, ip: str, *, reuse: bool = True
                            ) -> tuple[SmtpSession, tuple, bool]:
-        """Connect, EHLO, and STARTTLS when offered: the one connection step.
+        """Connect, EHLO, and TLS as ``plan`` demands: the one connection step.
 
         :param reuse: Take an idle session from the pool when there is one.
         :returns: the session, its pool key, and whether it came from the pool.
-        :raises SessionError: the host cannot be used now.
+        :raises SessionError: the host cannot be used now (:class:`TlsFailure` when it did
+            not meet the TLS policy: nothing but EHLO, STARTTLS and QUIT was sent).
         """
-        key = (host.hostname, ip, host.port, host.lmtp, "may")
+        host = plan.host
+        key = (host.hostname, ip, host.port, host.lmtp, plan.session_key)
         pooled = self.pool.take(key) if reuse else None
         if pooled is not None:
             return pooled, key, True
-        timeouts = self.settings.timeouts
-        session = await SmtpSession.open(ip, host.port, timeouts=timeouts, lmtp=host.lmtp,
-                                         source_address=self.settings.local_address)
+
+        async def connect() -> SmtpSession:
+            session = await SmtpSession.open(ip, host.port, timeouts=self.settings.timeouts,
+                                             lmtp=host.lmtp,
+                                             source_address=self.settings.local_address)
+            try:
+                await session.ehlo(self.me)
+            except SessionError:
+                session.abort()
+                raise
+            return session
+
+        session = await connect()
         try:
-            await session.ehlo(self.me)
-            if session.supports("STARTTLS"):
-                try:
-                    await session.starttls(self._may_context, server_hostname=None)
-                except SessionError as exc:
-                    if exc.stage == "starttls" and exc.reply is not None:
-                        # STARTTLS refused: at "may" the session goes on in plaintext.
-                        log.info("%s [%s] refused STARTTLS (%s); going on in plaintext",
-                                 host.hostname, ip, exc.reply)
-                        return session, key, False
-                    if exc.stage != "tls":
-                        raise
-                    # Only at "may": after a failed handshake, that host may get the mail
-                    # in plaintext on a new connection, as Postfix does.
-                    log.info("TLS with %s [%s] failed (%s); retrying in plaintext",
-                             host.hostname, ip, exc.reason)
-                    session.abort()
-                    session = await SmtpSession.open(
-                        ip, host.port, timeouts=timeouts, lmtp=host.lmtp,
-                        source_address=self.settings.local_address)
-                    await session.ehlo(self.me)
+            session = await self.tls.secure(session, plan, connect)
         except SessionError:
             session.abort()
             raise
         return session, key, False
 
     async def attempt(self, hosts: list[MxHost], sender: str, recipients: list[str],
-                      message: bytes, *, smtputf8: bool) -> Outcome:
+                      message: bytes, *, smtputf8: bool, policy: Policy, nexthop: str
+                      ) -> Outcome:
         """Try ``hosts`` in order until one takes a decision on every recipient.
 
-        A host that cannot be reached, greets badly, fails EHLO, refuses MAIL with 4xx,
-        drops the line, or cannot carry this message (no 8BITMIME, SMTPUTF8, too small a
-        SIZE) is skipped for the next. Per-recipient replies are final for this attempt
-        (2xx delivered, 4xx deferred, 5xx bounced). When no host decided, the recipients
-        bounce only if every failure was permanent (no such host, no address, no host can
-        carry the message); otherwise they wait for a retry.
+        :param policy: The destination's TLS policy.
+        :param nexthop: The destination (the recipient domain, or the route's name).
+
+        A host that fails the TLS policy, cannot be reached, greets badly, fails EHLO,
+        refuses MAIL with 4xx, drops the line, or cannot carry this message (no 8BITMIME,
+        SMTPUTF8, too small a SIZE) is skipped for the next. Per-recipient replies are final
+        for this attempt (2xx delivered, 4xx deferred, 5xx bounced). When no host decided,
+        the recipients bounce only if every failure was permanent (no such host, no address,
+        no host can carry the message); otherwise they wait for a retry.
         """
         outcome = Outcome()
         eight_bit = not message.isascii()
@@ -192,6 +185,13 @@ class Delivery:
         temporary = False
         capability: tuple[str, str] | None = None
         for host in hosts:
+            try:
+                plan = await self.tls.plan(policy, host, nexthop)
+            except TlsFailure as exc:
+                outcome.errors.append(f"{host.hostname}: {exc.reason}")
+                outcome.tls_status = exc.status
+                temporary = True
+                continue
             try:
                 addresses = await self.addresses(host)
             except NoSuchDomain as exc:
@@ -205,7 +205,7 @@ class Delivery:
                 outcome.errors.append(f"{host.hostname}: no address records")
                 continue
             for ip in addresses:
-                status = await self._attempt_at(host, ip, sender, recipients, message,
+                status = await self._attempt_at(plan, ip, sender, recipients, message,
                                                 smtputf8=needs_utf8, eight_bit=eight_bit,
                                                 outcome=outcome)
                 if status == "done":
@@ -224,14 +224,19 @@ class Delivery:
                                for i in range(len(recipients))]
         return outcome
 
-    async def _attempt_at(self, host: MxHost, ip: str, sender: str, recipients: list[str],
+    async def _attempt_at(self, plan: HostPlan, ip: str, sender: str, recipients: list[str],
                           message: bytes, *, smtputf8: bool, eight_bit: bool,
                           outcome: Outcome, fresh: bool = False) -> str | tuple[str, str]:
         """One session: ``"done"``, ``"failed"``, or ``(status, reason)`` when this host
         cannot carry the message."""
+        host = plan.host
         where = f"{host.hostname}[{ip}]:{host.port}"
         try:
-            session, key, pooled = await self.open_session(host, ip, reuse=not fresh)
+            session, key, pooled = await self.open_session(plan, ip, reuse=not fresh)
+        except TlsFailure as exc:
+            outcome.errors.append(f"{where}: {exc.reason}")
+            outcome.tls_status = exc.status
+            return "failed"
         except SessionError as exc:
             outcome.errors.append(f"{where}: {exc.reason}")
             log.info("host %s unusable: %s", where, exc.reason)
@@ -256,7 +261,7 @@ class Delivery:
             session.abort()
             if pooled:
                 # The server closed an idle session we kept: not the host's fault.
-                return await self._attempt_at(host, ip, sender, recipients, message,
+                return await self._attempt_at(plan, ip, sender, recipients, message,
                                               smtputf8=smtputf8, eight_bit=eight_bit,
                                               outcome=outcome, fresh=True)
             outcome.errors.append(f"{where}: {exc.reason}")

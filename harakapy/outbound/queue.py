@@ -30,7 +30,9 @@ from harakapy.outbound import mx as mx_module
 from harakapy.outbound.bounce import Failure, build_dsn
 from harakapy.outbound.delivery import Delivery, Outcome, RecipientResult
 from harakapy.outbound.mx import MxError, MxHost
+from harakapy.outbound.negotiate import Negotiator
 from harakapy.outbound.settings import OutboundSettings
+from harakapy.outbound.tls_policy import PolicyLookupError, find_policy, tls_settings
 from harakapy.results import Result
 from harakapy.spool.store import (
     BOUNCED,
@@ -44,6 +46,7 @@ from harakapy.spool.store import (
 
 if TYPE_CHECKING:
     from harakapy.server import Server
+    from harakapy.tls.results import TlsResult
 
 log = logging.getLogger("harakapy.outbound")
 
@@ -99,7 +102,8 @@ class OutboundQueue:
         if self._delivery is None or self._resolver_for is not config:
             resolver = config.derive("outbound.resolver", Resolver.from_config)
             old = self._delivery
-            self._delivery = Delivery(self.settings, resolver, self.server.me)
+            negotiator = Negotiator(tls_settings(self.server), report=self._report_tls)
+            self._delivery = Delivery(self.settings, resolver, self.server.me, negotiator)
             if old is not None:
                 self._delivery.pool = old.pool  # idle sessions survive a reload
                 old.pool.settings = self.settings
@@ -324,32 +328,43 @@ class OutboundQueue:
             settings.max_queue_lifetime
         indexes = [message.recipients.index(r) for r in pending]
         try:
-            hosts = await self._hosts(message, job.domain)
+            hosts, routed = await self._hosts(message, job.domain)
+            policy = await find_policy(self.server, job.domain, hosts, routed=routed,
+                                       message=message)
         except MxError as exc:
             state = BOUNCED if exc.permanent else DEFERRED
             outcome = Outcome([RecipientResult(i, state, exc.reason, exc.enhanced)
                                for i in indexes], [exc.reason])
             await self._apply(message, job, indexes, outcome, lifetime)
             return
+        except PolicyLookupError as exc:
+            outcome = Outcome([RecipientResult(i, DEFERRED, str(exc), "4.7.0")
+                               for i in indexes], [str(exc)])
+            await self._apply(message, job, indexes, outcome, lifetime)
+            return
         body = await self._in_thread(message.read)
         outcome = await self.delivery.attempt(
             hosts, message.sender, [message.recipients[i].address for i in indexes], body,
-            smtputf8=message.smtputf8)
+            smtputf8=message.smtputf8, policy=policy, nexthop=job.domain)
         # attempt() numbers results by position in the list it was given.
         for result in outcome.results:
             result.index = indexes[result.index]
         await self._apply(message, job, indexes, outcome, lifetime)
 
-    async def _hosts(self, message: QueuedMessage, domain: str) -> list[MxHost]:
+    async def _hosts(self, message: QueuedMessage, domain: str) -> tuple[list[MxHost], bool]:
+        """The hosts to try, and whether a ``get_mx`` plugin routed them."""
         answer = await self.server.plugins.call_first("get_mx", message=message, domain=domain,
                                                       server=self.server)
         if isinstance(answer, Result):  # a plugin failed: never guess a route
             raise MxError(f"get_mx plugin failed for {domain}", permanent=False,
                           enhanced="4.3.0")
         if answer is not None:
-            return _routes(answer, self.settings.port)
+            return _routes(answer, self.settings.port), True
         return await mx_module.resolve(self.delivery.resolver, domain,
-                                       port=self.settings.port, me=[self.server.me])
+                                       port=self.settings.port, me=[self.server.me]), False
+
+    async def _report_tls(self, result: TlsResult) -> None:
+        await self.server.plugins.call_all("tls_result", result=result, server=self.server)
 
     async def _apply(self, message: QueuedMessage, job: Job, indexes: list[int],
                      outcome: Outcome, lifetime: float) -> None:
@@ -370,8 +385,10 @@ class OutboundQueue:
                 result.remote = False  # our verdict, not the server's reply
             bounced += deferred
             deferred = []
+            # A TLS policy failure says so in the DSN: 5.7.x, not only "expired".
+            status = "5" + outcome.tls_status[1:] if outcome.tls_status else "5.4.7"
             bounced += [RecipientResult(i, BOUNCED, f"delivery time expired; last error: "
-                                        f"{reason}", "5.4.7") for i in undecided]
+                                        f"{reason}", status) for i in undecided]
             undecided = []
 
         for result in delivered:

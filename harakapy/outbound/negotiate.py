@@ -1,0 +1,317 @@
+"""TLS with one MX as its destination's policy demands: the engine of invariant 2.
+
+For each MX, :meth:`Negotiator.plan` decides before connecting what the MX must offer
+(MTA-STS ``mx`` patterns, DANE TLSA records), and :meth:`Negotiator.secure` runs STARTTLS
+on an open, greeted session and checks the certificate before any further command. A
+session that does not meet a policy that requires TLS is closed (QUIT when the handshake
+completed) and :class:`TlsFailure` raised: the caller tries the next MX and finally defers.
+Only ``may`` and report-only policies go on without TLS. Every negotiation is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import ssl
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from harakapy.outbound.client import SessionError, SmtpSession
+from harakapy.outbound.mx import MxHost
+from harakapy.tls import verify
+from harakapy.tls.policy import Level, Policy, PolicySource, TlsaLookup
+from harakapy.tls.results import Failure, ResultType, TlsResult
+from harakapy.tls.settings import TlsSettings
+
+log = logging.getLogger("harakapy.outbound.tls")
+
+Report = Callable[[TlsResult], Awaitable[None]]
+Reopen = Callable[[], Awaitable[SmtpSession]]
+
+
+class TlsFailure(SessionError):
+    """An MX did not meet a policy that requires TLS.
+
+    :ivar failure: The RFC 8460 failure.
+    :ivar status: RFC 3463 status for the deferral: 4.7.4 when TLS was not offered
+        (Postfix's choice), 4.7.5 for every other TLS failure.
+    """
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__("tls-policy", failure.reason)
+        self.failure = failure
+        self.status = ("4.7.4" if failure.result_type is ResultType.STARTTLS_NOT_SUPPORTED
+                       else "4.7.5")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPlan:
+    """What one MX must offer under one policy, decided before connecting.
+
+    :ivar level: The level to enforce at this MX (``dane`` resolves to ``may`` when the MX
+        has no TLSA records, ``dane-only`` never does).
+    :ivar tlsa: The MX's TLSA records at a DANE level.
+    :ivar source: The policy's source, or the MX's TLSA records when DANE applies.
+    """
+
+    policy: Policy
+    host: MxHost
+    nexthop: str
+    level: Level
+    tlsa: TlsaLookup | None
+    source: PolicySource
+
+    @property
+    def session_key(self) -> tuple:
+        records = self.tlsa.records if self.tlsa else ()
+        return (*self.policy.session_key(self.nexthop), self.level.value, records)
+
+    @property
+    def requires_tls(self) -> bool:
+        return self.level.requires_tls or bool(self.tlsa and self.tlsa.records)
+
+    @property
+    def servername(self) -> str | None:
+        name = (self.policy.servername or (self.tlsa.base_domain if self.tlsa else "")
+                or self.host.hostname)
+        try:
+            ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            return name
+        return None  # RFC 6066 3: no SNI for an address
+
+
+class Negotiator:
+    """Builds TLS client contexts (once per setting) and enforces policies with them.
+
+    :param settings: ``config/tls.ini`` ``[outbound]``.
+    :param report: Called with every negotiation's :class:`TlsResult` (the ``tls_result``
+        hook); it must not raise.
+    """
+
+    def __init__(self, settings: TlsSettings, report: Report | None = None) -> None:
+        self.settings = settings
+        self.report = report
+        self._contexts: dict[tuple, ssl.SSLContext] = {}
+
+    # -- contexts ---------------------------------------------------------------------
+
+    def context(self, plan: HostPlan) -> ssl.SSLContext:
+        policy, level = plan.policy, plan.level
+        opportunistic = not plan.requires_tls
+        low = policy.min_protocol or (None if opportunistic else self.settings.min_protocol)
+        ciphers = policy.ciphers or ("" if opportunistic else self.settings.ciphers)
+        key = (level.verifies_chain, opportunistic, low, policy.max_protocol, ciphers)
+        context = self._contexts.get(key)
+        if context is None:
+            context = self._contexts[key] = self._build(*key)
+        return context
+
+    def _build(self, verify_chain: bool, opportunistic: bool, low: ssl.TLSVersion | None,
+               high: ssl.TLSVersion | None, ciphers: str) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # Names are checked by verify.names_match after the handshake, against the
+        # policy's match= patterns, which OpenSSL's single-name check cannot express.
+        context.check_hostname = False
+        if verify_chain:
+            context.verify_mode = ssl.CERT_REQUIRED
+            # Explicit, so that a newer Python's defaults (X509_STRICT) change nothing.
+            context.verify_flags = ssl.VERIFY_X509_TRUSTED_FIRST
+            if self.settings.ca_file is not None:
+                context.load_verify_locations(cafile=str(self.settings.ca_file))
+            else:
+                context.load_default_certs()
+        else:
+            # may, encrypt, fingerprint and DANE authenticate (or not) by other means
+            # than a CA: pins and TLSA records are checked after the handshake.
+            context.verify_mode = ssl.CERT_NONE
+        with warnings.catch_warnings():
+            # Python deprecates TLS 1.0 and 1.1; an operator (or "may") may still allow them.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if opportunistic:
+                # At "may" any encryption beats plaintext: old protocols and ciphers too.
+                context.minimum_version = low or ssl.TLSVersion.TLSv1
+                with contextlib.suppress(ssl.SSLError):
+                    context.set_ciphers(ciphers or "DEFAULT:@SECLEVEL=0")
+            else:
+                context.minimum_version = low or ssl.TLSVersion.TLSv1_2
+                if ciphers:
+                    context.set_ciphers(ciphers)
+            if high is not None:
+                context.maximum_version = high
+        return context
+
+    # -- before connecting ------------------------------------------------------------
+
+    async def plan(self, policy: Policy, host: MxHost, nexthop: str) -> HostPlan:
+        """What ``host`` must offer under ``policy``.
+
+        :raises TlsFailure: the MX must not be used (not an MTA-STS ``mx``, its TLSA
+            lookup failed, DANE required but no TLSA records); already reported.
+        """
+        level, tlsa, source = policy.level, None, policy.source
+        if policy.mx_patterns and not any(verify.mx_pattern_matches(p, host.hostname)
+                                          for p in policy.mx_patterns):
+            failure = Failure(ResultType.VALIDATION_FAILURE,
+                              f"{host.hostname} matches no mx pattern of the policy "
+                              f"({', '.join(policy.mx_patterns)})",
+                              "mtasts-policy-mx-mismatch")
+            plan = HostPlan(policy, host, nexthop, level, None, source)
+            await self._fail(plan, failure, None)
+            level = Level.MAY  # report-only: on as if there were no policy
+        if level in (Level.DANE, Level.DANE_ONLY):
+            tlsa = await policy.dane.lookup(host) if policy.dane is not None else \
+                TlsaLookup()
+            if tlsa.records or tlsa.failure:
+                source = PolicySource("tlsa", tlsa.base_domain or host.hostname,
+                                      tuple(str(r) for r in tlsa.records))
+            plan = HostPlan(policy, host, nexthop, level, tlsa, source)
+            if tlsa.failure is not None:
+                # A failed TLSA lookup rules the MX out at "dane" too (RFC 7672 2.2).
+                await self._fail(plan, tlsa.failure, None, required=True)
+                level = Level.MAY
+            elif not tlsa.records:
+                if level is Level.DANE_ONLY:
+                    await self._fail(plan, Failure(
+                        ResultType.DANE_REQUIRED,
+                        f"DANE is required, but {host.hostname} has no usable TLSA records",
+                        "dane-required"), None)
+                level = Level.MAY
+            if level is Level.MAY:
+                tlsa = None
+        return HostPlan(policy, host, nexthop, level, tlsa, source)
+
+    # -- on an open session -----------------------------------------------------------
+
+    async def secure(self, session: SmtpSession, plan: HostPlan, reopen: Reopen, *,
+                     quiet: bool = False) -> SmtpSession:
+        """STARTTLS as ``plan`` demands, certificate checks, then EHLO again.
+
+        :param session: Open and greeted (EHLO done), nothing else sent.
+        :param reopen: Opens a fresh session (connect, greeting, EHLO): at ``may`` (and for
+            report-only policies) a failed handshake is followed by plaintext on a new
+            connection, as Postfix does.
+        :param quiet: Report nothing (the ``may`` that follows a report-only failure).
+        :returns: The session to deliver on: encrypted, or plaintext where allowed.
+        :raises TlsFailure: the session does not meet the policy; it is closed.
+        :raises SessionError: the connection broke.
+        """
+        if plan.level is Level.NONE:
+            return session
+        if not session.supports("STARTTLS"):
+            if plan.requires_tls and not quiet:
+                await self._fail(plan, Failure(
+                    ResultType.STARTTLS_NOT_SUPPORTED,
+                    "TLS is required, but was not offered by the host",
+                    "starttls-not-supported"), session)
+            return session
+        try:
+            await session.starttls(self.context(plan), plan.servername)
+        except SessionError as exc:
+            if exc.stage == "starttls" and exc.reply is not None:
+                failure = Failure(ResultType.STARTTLS_NOT_SUPPORTED, exc.reason,
+                                  str(exc.reply.code))
+            elif exc.stage == "tls":
+                failure = verify.handshake_failure(exc.error, exc.reason)
+                session.abort()  # the TLS layer is broken: nothing more can be said on it
+            else:
+                raise
+            if not quiet:
+                await self._fail(plan, failure, session)  # raises when enforced
+            if exc.stage == "starttls":
+                log.info("%s [%s] refused STARTTLS (%s); going on in plaintext",
+                         plan.host.hostname, session.peer_ip, exc.reply)
+                return session
+            fresh = await reopen()
+            if plan.level is not Level.MAY:
+                # A report-only policy failed: on as if there were none, which is "may".
+                return await self.secure(fresh, as_may(plan), reopen, quiet=True)
+            log.info("TLS with %s [%s] failed (%s); retrying in plaintext",
+                     plan.host.hostname, session.peer_ip, exc.reason)
+            return fresh
+        failure = None if quiet else self._check_certificate(session, plan)
+        if failure is not None:
+            await self._fail(plan, failure, session)  # raises when enforced
+        await session.ehlo(session.ehlo_name)  # RFC 3207 4.2: forget what was said before
+        if failure is None and not quiet:
+            await self._report(plan, None, session)
+        return session
+
+    def _check_certificate(self, session: SmtpSession, plan: HostPlan) -> Failure | None:
+        ssl_object = session.ssl_object
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            if plan.level in (Level.MAY, Level.ENCRYPT):
+                return None
+            return Failure(ResultType.VALIDATION_FAILURE, "the server sent no certificate",
+                           "no-peer-certificate")
+        policy = plan.policy
+        if plan.level.verifies_chain:
+            patterns = verify.reference_patterns(policy.match_names,
+                                                 hostname=plan.host.hostname,
+                                                 nexthop=plan.nexthop)
+            names = verify.certificate_names(der)
+            if not verify.names_match(names, patterns):
+                return Failure(ResultType.CERTIFICATE_HOST_MISMATCH,
+                               f"certificate names ({', '.join(names) or 'none'}) match "
+                               f"none of {', '.join(patterns)}",
+                               "X509_V_ERR_HOSTNAME_MISMATCH")
+        elif plan.level is Level.FINGERPRINT:
+            if not verify.pin_matches(der, policy.pins):
+                certificate, key = verify.fingerprints(der)
+                return Failure(ResultType.VALIDATION_FAILURE,
+                               f"the certificate (sha256:{certificate}) and its public key "
+                               f"(sha256:{key}) match no pin", "fingerprint-mismatch")
+        elif plan.tlsa is not None and plan.tlsa.records:
+            assert policy.dane is not None
+            return policy.dane.verify(plan.tlsa, verify.peer_chain(ssl_object), plan.host,
+                                      plan.nexthop)
+        return None
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    async def _fail(self, plan: HostPlan, failure: Failure, session: SmtpSession | None,
+                    *, required: bool | None = None) -> None:
+        """Report ``failure``; raise :class:`TlsFailure` unless the plan lets mail go on
+        (``may``, a report-only policy).
+
+        :param required: Whether this failure rules the MX out; by default, whether the
+            plan requires TLS.
+        """
+        enforced = plan.policy.enforce and (plan.requires_tls if required is None
+                                            else required)
+        await self._report(plan, failure, session, enforced=enforced)
+        if not enforced:
+            return
+        log.warning("TLS policy (%s) not met by %s [%s] for %s: %s", plan.level,
+                    plan.host.hostname, session.peer_ip if session else "-", plan.nexthop,
+                    failure.reason)
+        if session is not None:
+            await session.quit()
+        raise TlsFailure(failure)
+
+    async def _report(self, plan: HostPlan, failure: Failure | None,
+                      session: SmtpSession | None, *, enforced: bool = True) -> None:
+        if self.report is None:
+            return
+        ssl_object = session.ssl_object if session is not None else None
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        source = plan.source
+        result = TlsResult(
+            domain=plan.nexthop, level=plan.level.value, policy_type=source.type,
+            policy_domain=source.domain or plan.nexthop, mx_hostname=plan.host.hostname,
+            receiving_ip=session.peer_ip if session else "",
+            sending_ip=session.local_ip if session else "",
+            receiving_helo=session.server_name if session else "",
+            policy_strings=source.strings, mx_host_patterns=source.mx_patterns,
+            failure=failure, enforced=enforced,
+            tls_version=session.tls_version if session else "",
+            cipher=cipher[0] if cipher else "", decided_by=plan.policy.decided_by)
+        await self.report(result)
+
+
+def as_may(plan: HostPlan) -> HostPlan:
+    """The plan for a report-only policy's fallback: ``may`` with the same host."""
+    return replace(plan, level=Level.MAY, tlsa=None)
