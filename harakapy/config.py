@@ -289,6 +289,7 @@ class Config:
                     # A binary file (a DER certificate, say) is fine until something reads
                     # it as config; then that read names it.
                     with contextlib.suppress(ConfigError):
+                        config.text(path.name)
                         config.list(path.name)
         return config
 
@@ -377,6 +378,16 @@ class Config:
             return ListFile.parse(path, self._read(path))
 
         return self._cached("list", name, build)
+
+    def text(self, name: str) -> tuple[Path, str] | None:
+        """``config/<name>`` as written, for a file with a format of its own (such as
+        ``tls_policy``): the operator's file, else the shipped one, else ``None``."""
+
+        def build() -> tuple[Path, str] | None:
+            path = self.operator_path(name) or self.shipped_path(name)
+            return None if path is None else (path, self._read(path))
+
+        return self._cached("text", name, build)
 
     def value(self, name: str, default: str | None = None) -> str | None:
         """The first non-comment line of ``config/<name>``, or ``default``."""
