@@ -32,6 +32,7 @@ class ReceivingMTA:
     :param rcpt_reply: ``address -> reply`` (``None`` accepts).
     :param data_reply: ``() -> reply`` after the message (``None`` accepts).
     :param cert: ``(cert_path, key_path)`` to offer STARTTLS.
+    :param tls_context: a server context to offer STARTTLS with (instead of ``cert``).
     :param extensions: extra EHLO keywords; ``drop`` removes keywords (e.g. ``8BITMIME``).
     """
 
@@ -40,6 +41,7 @@ class ReceivingMTA:
     rcpt_reply: Callable[[str], str | None] = lambda address: None
     data_reply: Callable[[], str | None] = lambda: None
     cert: tuple[str, str] | None = None
+    tls_context: ssl.SSLContext | None = None
     extensions: tuple[str, ...] = ("PIPELINING",)
     drop: tuple[str, ...] = ()
     smtputf8: bool = True
@@ -51,7 +53,7 @@ class ReceivingMTA:
     _server: asyncio.Server | None = None
 
     async def __aenter__(self) -> ReceivingMTA:
-        context = None
+        context = self.tls_context
         if self.cert is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*self.cert)
@@ -63,6 +65,12 @@ class ReceivingMTA:
                 keep = [r for r in responses[:-1]
                         if not any(r[4:].upper().startswith(d) for d in mta.drop)]
                 return keep + [f"250-{e}" for e in mta.extensions] + [responses[-1]]
+
+            async def handle_MAIL(self, server, session, envelope, address, options):
+                mta.commands.append(f"MAIL {address}")
+                envelope.mail_from = address
+                envelope.mail_options.extend(options)
+                return "250 2.1.0 OK"
 
             async def handle_RCPT(self, server, session, envelope, address, options):
                 mta.commands.append(f"RCPT {address}")
@@ -139,3 +147,70 @@ class Tarpit:
         for transport in self._transports:
             transport.abort()
         await self._server.wait_closed()
+
+
+@dataclass
+class StartTlsStripper:
+    """An active attacker between harakapy and a receiving server (RFC 7672 1.3).
+
+    ``async with StartTlsStripper("127.0.0.7", port, upstream=("127.0.0.2", port))``.
+
+    :param mode: ``strip`` rewrites STARTTLS in the EHLO reply to XXXXXXXX, so the client
+        never learns it was offered; ``refuse`` passes EHLO through and answers STARTTLS
+        itself with 454, as a middlebox that "does not support" it.
+    :ivar from_client: every byte the client sent, as the attacker read it in plaintext.
+    """
+
+    host: str
+    port: int
+    upstream: tuple[str, int]
+    mode: str = "strip"
+    from_client: bytearray = field(default_factory=bytearray)
+    connections: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    async def __aenter__(self) -> StartTlsStripper:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                  reuse_address=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+
+    async def _serve(self, client_reader: asyncio.StreamReader,
+                     client_writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        server_reader, server_writer = await asyncio.open_connection(*self.upstream)
+
+        async def server_to_client() -> None:
+            while line := await server_reader.readline():
+                if self.mode == "strip":
+                    line = line.replace(b"STARTTLS", b"XXXXXXXX")
+                client_writer.write(line)
+                await client_writer.drain()
+            client_writer.close()
+
+        async def client_to_server() -> None:
+            while line := await client_reader.readline():
+                self.from_client += line
+                if self.mode == "refuse" and line.strip().upper() == b"STARTTLS":
+                    client_writer.write(b"454 4.7.0 TLS not available due to local problem"
+                                        b"\r\n")
+                    await client_writer.drain()
+                    continue
+                server_writer.write(line)
+                await server_writer.drain()
+            server_writer.close()
+
+        tasks = [asyncio.create_task(server_to_client()), asyncio.create_task(client_to_server())]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._tasks.difference_update(tasks)
+            client_writer.close()
+            server_writer.close()
