@@ -155,6 +155,34 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls_policy(args: argparse.Namespace) -> int:
+    import json
+
+    from harakapy.outbound.diagnose import diagnose, format_text
+    from harakapy.outbound.tls_policy import PolicyLookupError
+    from harakapy.server import Server
+
+    logs.setup("text", "warning")
+    root = Path(args.config_dir) if args.config_dir else None
+
+    async def main() -> str:
+        server = Server.from_directory(root)
+        await server.prepare()
+        try:
+            result = await diagnose(server, args.domain, probe=args.probe)
+        finally:
+            await server.plugins.call_all("shutdown", server=server)
+        return json.dumps(result.as_dict(), indent=1) if args.json else format_text(result)
+
+    try:
+        print(_run_loop(main()))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    except PolicyLookupError as exc:
+        return _fail(f"{exc}; the log above has why", 1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harakapy", description="A Haraka-style mail server for strict outbound SMTP TLS.")
@@ -198,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("-c", "--config-dir", metavar="DIR",
                             help="config directory (default: the shipped defaults' spool)")
     queue.set_defaults(func=cmd_queue)
+
+    policy = commands.add_parser(
+        "tls-policy", help="show the outbound TLS policy for a domain, and why",
+        description="Print the effective outbound TLS policy for DOMAIN, the plugin that "
+                    "decided it and why, and the hosts mail would go to. With --probe, "
+                    "connect to each of them (EHLO, STARTTLS, QUIT; never MAIL FROM) and "
+                    "show what each check found.")
+    policy.add_argument("domain", metavar="DOMAIN")
+    policy.add_argument("-c", "--config-dir", metavar="DIR",
+                        help="config directory (default: the shipped defaults)")
+    policy.add_argument("--json", action="store_true", help="machine-readable output")
+    policy.add_argument("--probe", action="store_true",
+                        help="connect to each MX under the policy and report what it does")
+    policy.set_defaults(func=cmd_tls_policy)
 
     passwd = commands.add_parser(
         "passwd", help="hash a password for auth/flat_file",

@@ -134,14 +134,22 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    async def prepare(self) -> None:
+        """Run ``startup``: plugins are ready. :meth:`start` does this first; commands
+        that ask plugins without serving (``harakapy tls-policy``) do only this.
+
+        :raises ConfigError: a plugin refused the config.
+        """
+        self._reloading = asyncio.Lock()
+        self._state = await self._prepare(self._state, "startup")
+
     async def start(self) -> None:
         """Run ``startup``, then open every listener.
 
         :raises ConfigError: a plugin refused the config.
         :raises ListenError: an address could not be bound.
         """
-        self._reloading = asyncio.Lock()
-        self._state = await self._prepare(self._state, "startup")
+        await self.prepare()
         await self._start_outbound()
         loop = asyncio.get_running_loop()
         for address in self.settings.listen:

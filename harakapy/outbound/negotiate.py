@@ -298,6 +298,7 @@ class Negotiator:
             return
         ssl_object = session.ssl_object if session is not None else None
         cipher = ssl_object.cipher() if ssl_object is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         source = plan.source
         result = TlsResult(
             domain=plan.nexthop, level=plan.level.value, policy_type=source.type,
@@ -308,7 +309,8 @@ class Negotiator:
             policy_strings=source.strings, mx_host_patterns=source.mx_patterns,
             failure=failure, enforced=enforced,
             tls_version=session.tls_version if session else "",
-            cipher=cipher[0] if cipher else "", decided_by=plan.policy.decided_by)
+            cipher=cipher[0] if cipher else "", decided_by=plan.policy.decided_by,
+            certificate=der or b"")
         await self.report(result)
 
 

@@ -352,16 +352,8 @@ class OutboundQueue:
         await self._apply(message, job, indexes, outcome, lifetime)
 
     async def _hosts(self, message: QueuedMessage, domain: str) -> tuple[list[MxHost], bool]:
-        """The hosts to try, and whether a ``get_mx`` plugin routed them."""
-        answer = await self.server.plugins.call_first("get_mx", message=message, domain=domain,
-                                                      server=self.server)
-        if isinstance(answer, Result):  # a plugin failed: never guess a route
-            raise MxError(f"get_mx plugin failed for {domain}", permanent=False,
-                          enhanced="4.3.0")
-        if answer is not None:
-            return _routes(answer, self.settings.port), True
-        return await mx_module.resolve(self.delivery.resolver, domain,
-                                       port=self.settings.port, me=[self.server.me]), False
+        return await next_hops(self.server, self.delivery.resolver, domain,
+                               port=self.settings.port, message=message)
 
     async def _report_tls(self, result: TlsResult) -> None:
         await self.server.plugins.call_all("tls_result", result=result, server=self.server)
@@ -484,6 +476,22 @@ class OutboundQueue:
             del self._open_domains[message.id]
             self.spool.remove(message.id)
             log.info("%s done: removed from the spool", message.id)
+
+
+async def next_hops(server: Server, resolver: Resolver, domain: str, *, port: int,
+                    message: QueuedMessage | None = None) -> tuple[list[MxHost], bool]:
+    """The hosts to try for ``domain``, and whether a ``get_mx`` plugin routed them.
+
+    :raises MxError: no host (null MX, no such domain), or a plugin or DNS failure.
+    """
+    answer = await server.plugins.call_first("get_mx", message=message, domain=domain,
+                                             server=server)
+    if isinstance(answer, Result):  # a plugin failed: never guess a route
+        raise MxError(f"get_mx plugin failed for {domain}", permanent=False,
+                      enhanced="4.3.0")
+    if answer is not None:
+        return _routes(answer, port), True
+    return await mx_module.resolve(resolver, domain, port=port, me=[server.me]), False
 
 
 def _routes(answer: object, port: int) -> list[MxHost]:

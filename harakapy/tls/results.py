@@ -62,6 +62,7 @@ class TlsResult:
     :ivar tls_version: The negotiated protocol (``TLSv1.3``), empty without TLS.
     :ivar cipher: The negotiated cipher suite, empty without TLS.
     :ivar decided_by: The plugin whose policy this was (empty for the default).
+    :ivar certificate: The server's certificate (DER) when the handshake completed.
     """
 
     domain: str
@@ -79,6 +80,7 @@ class TlsResult:
     tls_version: str = ""
     cipher: str = ""
     decided_by: str = ""
+    certificate: bytes = b""
 
     @property
     def success(self) -> bool:
