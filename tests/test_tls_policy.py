@@ -657,3 +657,124 @@ async def test_tls_policy_command_names_the_bad_line_of_a_table(make_env):
     assert done.returncode == 2
     assert "tls_policy:2:" in done.stderr and "sekure" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- connection reuse -----------------------------------------------------------------------
+
+
+async def test_a_session_is_reused_only_under_the_same_policy(make_env):
+    # good.test and sub.good.test share mx.good.test. A session opened for "may" is never
+    # handed to the "verify" destination; one opened under verify serves verify again,
+    # without a new negotiation to report (RFC 8460 4.1).
+    env = await make_env("good.test may\nsub.good.test verify\n")
+    mx = await start_mx(env, "good")
+    await env.send("a@good.test")
+    await eventually(lambda: len(mx.messages) == 1)
+    await env.send("b@sub.good.test")
+    await eventually(lambda: len(mx.messages) == 2)
+    assert mx.connections == 2
+    await env.send("c@sub.good.test")
+    await eventually(lambda: len(mx.messages) == 3)
+    assert mx.connections == 2
+    levels = [r.level for r in env.captured("tls_result")]
+    assert levels == ["may", "verify"]
+
+
+# -- report-only policies and mx patterns (what the mta_sts plugin will answer with) --------
+
+STS_STUB = '''
+from harakapy import hookimpl
+from harakapy.tls.policy import Level, Policy, PolicySource
+
+
+@hookimpl
+def tls_policy(domain, server):
+    for line in server.config.list("sts_stub"):
+        name, mode, patterns = line.value.split()
+        if name == domain:
+            mx = tuple(patterns.split(","))
+            lines = ("version: STSv1", f"mode: {mode}", *(f"mx: {p}" for p in mx))
+            return Policy(Level.VERIFY, mx_patterns=mx, enforce=mode == "enforce",
+                          source=PolicySource("sts", domain, lines, mx))
+    return None
+'''
+
+
+async def sts_env(make_env, stub: str) -> Env:
+    env = await make_env("", plugins="sts_stub\n", plugin_files={"sts_stub": STS_STUB})
+    (env.hp.root / "config" / "sts_stub").write_text(stub)
+    assert await env.hp.server.reload()
+    return env
+
+
+async def test_an_mx_outside_the_policy_patterns_is_never_connected(make_env):
+    env = await sts_env(make_env, "two.test enforce mx2.two.test\n")
+    outside = await start_mx(env, "wrong")  # mx1.two.test, listed first
+    inside = await start_mx(env, "good")  # mx2.two.test
+    await env.send("bob@two.test")
+    await eventually(lambda: inside.messages)
+    assert outside.connections == 0
+    first, second = env.captured("tls_result")
+    assert first.mx_hostname == "mx1.two.test" and first.failure.code == \
+        "mtasts-policy-mx-mismatch"
+    assert second.success and second.policy_type == "sts"
+    assert second.mx_host_patterns == ("mx2.two.test",)
+    assert "mode: enforce" in second.policy_strings
+
+
+@pytest.mark.parametrize(("kind", "result_type"), [
+    ("wrong", "certificate-host-mismatch"),  # the handshake completes; names fail
+    ("expired", "certificate-expired"),  # the handshake itself fails
+])
+async def test_a_report_only_policy_reports_and_delivers_encrypted(make_env, kind,
+                                                                   result_type):
+    env = await sts_env(make_env, f"{kind}.test testing mx.{kind}.test\n")
+    mx = await start_mx(env, kind)
+    await env.send(f"bob@{kind}.test")
+    await eventually(lambda: mx.messages)
+    assert mx.messages[0].tls  # as at "may": encrypted, unauthenticated
+    (failure,) = env.captured("tls_result")  # the failure, and no success besides
+    assert failure.result_type == result_type and not failure.enforced
+    assert failure.policy_type == "sts"
+
+
+async def test_an_enforced_sts_like_policy_never_falls_back(make_env):
+    env = await sts_env(make_env, "expired.test enforce mx.expired.test\n")
+    mx = await start_mx(env, "expired")
+    await env.send("bob@expired.test")
+    await eventually(lambda: env.captured("deferred"))
+    assert mx.messages == [] and env.failures()[0].enforced
+
+
+ROUTER = '''
+from harakapy import hookimpl
+from harakapy.outbound.mx import MxHost
+
+
+@hookimpl
+def get_mx(domain, server):
+    port = int(server.config.value("smarthost_port"))
+    return MxHost("mx.good.test", port=port)  # every domain through one smarthost
+'''
+
+
+@pytest.mark.parametrize(("table", "delivered"), [
+    ("[mx.good.test]:{port} secure\n", True),  # secure's nexthop is the smarthost
+    ("[mx.good.test] verify match=mx.elsewhere.example\n", False),
+    ("wrong.test encrypt\n[mx.good.test] secure match=nexthop\n", True),
+])
+async def test_routed_mail_takes_the_policy_of_the_next_hop(make_env, table, delivered):
+    env = await make_env("", plugins="router\ntls_require\n", plugin_files={"router": ROUTER})
+    (env.hp.root / "config" / "smarthost_port").write_text(f"{env.port}\n")
+    (env.hp.root / "config" / "tls_policy").write_text(table.format(port=env.port))
+    assert await env.hp.server.reload()
+    smarthost = await start_mx(env, "good")
+    await env.send("bob@wrong.test")
+    if delivered:
+        await eventually(lambda: smarthost.messages)
+        (result,) = env.captured("tls_result")
+        assert result.domain == "mx.good.test" and result.decided_by == "tls_require"
+    else:
+        await eventually(lambda: env.captured("deferred"))
+        assert smarthost.messages == []
+        assert env.failures()[0].result_type == "certificate-host-mismatch"

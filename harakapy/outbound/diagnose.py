@@ -17,7 +17,7 @@ from harakapy.outbound.client import SessionError, SmtpSession
 from harakapy.outbound.delivery import Delivery
 from harakapy.outbound.mx import MxError, MxHost
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
-from harakapy.outbound.queue import next_hops
+from harakapy.outbound.queue import next_hop_name, next_hops
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.outbound.tls_policy import find_policy, tls_settings
 from harakapy.tls.policy import Level, Policy
@@ -82,7 +82,7 @@ async def diagnose(server: Server, domain: str, *, probe: bool) -> Diagnosis:
     result.hosts = [f"{h.hostname}:{h.port}" + (f" (MX {h.preference})" if not routed else "")
                     for h in hosts]
     policy = await find_policy(server, domain, hosts, routed=routed)
-    nexthop = hosts[0].hostname if routed and hosts else domain
+    nexthop = next_hop_name(domain, hosts, routed)
     result.policy, result.level = policy.describe(), policy.level.value
     result.decided_by, result.why = policy.decided_by, policy.reason
     result.source = dataclasses.asdict(policy.source)

@@ -345,7 +345,8 @@ class OutboundQueue:
         body = await self._in_thread(message.read)
         outcome = await self.delivery.attempt(
             hosts, message.sender, [message.recipients[i].address for i in indexes], body,
-            smtputf8=message.smtputf8, policy=policy, nexthop=job.domain)
+            smtputf8=message.smtputf8, policy=policy,
+            nexthop=next_hop_name(job.domain, hosts, routed))
         # attempt() numbers results by position in the list it was given.
         for result in outcome.results:
             result.index = indexes[result.index]
@@ -492,6 +493,12 @@ async def next_hops(server: Server, resolver: Resolver, domain: str, *, port: in
     if answer is not None:
         return _routes(answer, port), True
     return await mx_module.resolve(resolver, domain, port=port, me=[server.me]), False
+
+
+def next_hop_name(domain: str, hosts: list[MxHost], routed: bool) -> str:
+    """The next hop's name, as Postfix means it: the recipient domain, or the route's
+    host when a plugin routed the mail (``secure``'s ``nexthop`` match, TLS reports)."""
+    return hosts[0].hostname.strip("[]") if routed and hosts else domain
 
 
 def _routes(answer: object, port: int) -> list[MxHost]:
