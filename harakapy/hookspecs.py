@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from harakapy.results import Result
     from harakapy.server import Server
     from harakapy.spool.store import QueuedMessage, QueuedRecipient
-    from harakapy.tls.policy import Policy
+    from harakapy.tls.policy import DaneAuthority, Policy
     from harakapy.tls.results import TlsResult
 
 hookspec = pluggy.HookspecMarker("harakapy")
@@ -277,6 +277,19 @@ def tls_policy(domain: str, hosts: list[MxHost], routed: bool, message: QueuedMe
 
     Stops at the first non-None result. A plugin that fails defers the mail (4.7.0): a
     broken policy source never becomes a weaker policy.
+    """
+
+
+@hookspec(firstresult=True)
+def dane_authority(server: Server) -> DaneAuthority | None:
+    """Supply the DANE verifier for policies at ``dane``/``dane-only`` that came without
+    one, such as a ``tls_require`` table entry ``example.com dane-only``.
+
+    Return an object with the :class:`~harakapy.tls.policy.DaneAuthority` methods
+    (``lookup`` and ``verify``), or ``None``. The ``dane`` plugin answers it. With no
+    answer, ``dane`` behaves as ``may`` and ``dane-only`` never delivers (``dane-required``).
+
+    Stops at the first non-None result. A plugin that fails defers the mail (4.7.0).
     """
 
 

@@ -64,6 +64,7 @@ _ANSWER_TYPES: dict[str, tuple[type, ...]] = {
     "get_mx": (Result, MxHost, str, list, tuple),
     "bounce": (Result, bytes),
     "tls_policy": (Result, Policy),
+    "dane_authority": (Result, object),
 }
 
 

@@ -778,3 +778,39 @@ async def test_routed_mail_takes_the_policy_of_the_next_hop(make_env, table, del
         await eventually(lambda: env.captured("deferred"))
         assert smarthost.messages == []
         assert env.failures()[0].result_type == "certificate-host-mismatch"
+
+
+DANE_PROVIDER = DANE_STUB.replace("@hookimpl\ndef tls_policy(domain, server):", """@hookimpl
+def dane_authority(server):
+    records = {}
+    for line in server.config.list("tlsa_stub"):
+        host, digest = line.value.split()
+        records[host] = [TlsaRecord(3, 1, 1, bytes.fromhex(digest))]
+    return Authority(records)
+
+
+def unused(domain, server):""")
+
+
+async def test_a_table_entry_at_dane_only_gets_its_verifier_from_dane_authority(make_env,
+                                                                               tmp_path):
+    cert = Certs(trustme.CA(), tmp_path).files("dane", "somewhere.else")
+    env = await make_env("good.test dane-only\n", plugins="tls_require\ndane_stub\n",
+                         plugin_files={"dane_stub": DANE_PROVIDER})
+    (env.hp.root / "config" / "tlsa_stub").write_text(f"mx.good.test {spki_sha256(cert[0])}\n")
+    assert await env.hp.server.reload()
+    mx = await env.mta("127.0.0.12", cert=cert)
+    await env.send("bob@good.test")
+    await eventually(lambda: mx.messages)
+    (result,) = env.captured("tls_result")
+    assert result.success and result.level == "dane-only" and result.policy_type == "tlsa"
+    assert result.decided_by == "tls_require"
+
+
+async def test_dane_only_without_a_dane_plugin_never_delivers(make_env):
+    env = await make_env("good.test dane-only\n")
+    mx = await start_mx(env, "good")
+    await env.send("bob@good.test")
+    await eventually(lambda: env.captured("deferred"))
+    assert mx.connections == 0
+    assert "no plugin supplies DANE" in env.failures()[0].failure.reason

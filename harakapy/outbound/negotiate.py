@@ -174,9 +174,10 @@ class Negotiator:
                 level = Level.MAY
             elif not tlsa.records:
                 if level is Level.DANE_ONLY:
+                    why = (f"{host.hostname} has no usable TLSA records" if policy.dane
+                           else "no plugin supplies DANE (the dane plugin)")
                     await self._fail(plan, Failure(
-                        ResultType.DANE_REQUIRED,
-                        f"DANE is required, but {host.hostname} has no usable TLSA records",
+                        ResultType.DANE_REQUIRED, f"DANE is required, but {why}",
                         "dane-required"), None)
                 level = Level.MAY
             if level is Level.MAY:

@@ -6,10 +6,11 @@ what delivery does.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from harakapy.results import Result
-from harakapy.tls.policy import Policy
+from harakapy.tls.policy import Level, Policy
 from harakapy.tls.settings import TlsSettings
 
 if TYPE_CHECKING:
@@ -39,7 +40,16 @@ async def find_policy(server: Server, domain: str, hosts: list[MxHost], *, route
     if isinstance(answer, Result):
         raise PolicyLookupError(f"the TLS policy for {domain} could not be determined "
                                 f"(plugin {plugin} failed)")
-    if answer is not None:
-        return answer.with_decider(plugin)
-    level = tls_settings(server).default_level
-    return Policy(level, reason="[outbound] default_level in config/tls.ini")
+    if answer is None:
+        level = tls_settings(server).default_level
+        return Policy(level, reason="[outbound] default_level in config/tls.ini")
+    policy = answer.with_decider(plugin)
+    if policy.level in (Level.DANE, Level.DANE_ONLY) and policy.dane is None:
+        authority, provider = await server.plugins.call_first_named("dane_authority",
+                                                                    server=server)
+        if isinstance(authority, Result):
+            raise PolicyLookupError(f"the DANE verifier for {domain} is not available "
+                                    f"(plugin {provider} failed)")
+        if authority is not None:
+            policy = replace(policy, dane=authority)
+    return policy
