@@ -221,6 +221,8 @@ class Policy:
                                                          self.max_protocol))
         if self.ciphers:
             parts.append(f"ciphers={self.ciphers}")
+        if self.servername:
+            parts.append(f"servername={self.servername}")
         if self.mx_patterns:
             parts.append("mx=" + ",".join(self.mx_patterns))
         if not self.enforce:
@@ -252,8 +254,11 @@ def parse_protocols(text: str) -> tuple[ssl.TLSVersion | None, ssl.TLSVersion | 
     """Postfix's ``protocols=`` (and ``smtp_tls_mandatory_protocols``) syntax as bounds.
 
     Both forms: ``>=TLSv1.2``, ``<=TLSv1.3`` (Postfix 3.6), and the older exclusion list
-    ``!SSLv2:!SSLv3:!TLSv1``, separated by colons, commas or spaces. ``SSLv2`` is accepted
-    and means nothing (OpenSSL no longer has it).
+    ``!SSLv2:!SSLv3:!TLSv1``, separated by colons, commas or spaces. ``SSLv2`` is accepted:
+    OpenSSL no longer has it, so ``!SSLv2`` and ``>=SSLv2`` change nothing, while ``SSLv2``
+    alone or ``<=SSLv2`` leave nothing. Bounds cannot express a gap (``!TLSv1.1`` with
+    TLS 1.0 and 1.2 allowed): the highest contiguous run of versions is kept, so that an
+    excluded version is never allowed.
 
     :returns: ``(lowest, highest)``; ``None`` for an open end.
     :raises ValueError: for a name we do not know, or bounds that leave nothing.
@@ -262,6 +267,7 @@ def parse_protocols(text: str) -> tuple[ssl.TLSVersion | None, ssl.TLSVersion | 
     high: ssl.TLSVersion | None = None
     excluded: set[ssl.TLSVersion] = set()
     included: set[ssl.TLSVersion] = set()
+    inclusion_list = False  # a bare name was given: only the names given are allowed
     for token in re.split(r"[\s,:]+", text.strip()):
         if not token:
             continue
@@ -272,6 +278,9 @@ def parse_protocols(text: str) -> tuple[ssl.TLSVersion | None, ssl.TLSVersion | 
                 break
         name = token.lower()
         if name == "sslv2":
+            if op == "<=":  # nothing OpenSSL still has is at or below SSLv2
+                raise ValueError(f"protocols {text!r} leave no protocol to use")
+            inclusion_list = inclusion_list or not op
             continue
         if name not in _VERSIONS:
             raise ValueError(f"unknown protocol {token!r} (known: SSLv3, TLSv1, TLSv1.1, "
@@ -285,12 +294,17 @@ def parse_protocols(text: str) -> tuple[ssl.TLSVersion | None, ssl.TLSVersion | 
             excluded.add(version)
         else:
             included.add(version)
+            inclusion_list = True
     allowed = [v for v in _ORDER
-               if v not in excluded and (not included or v in included)
+               if v not in excluded and (not inclusion_list or v in included)
                and (low is None or _ORDER.index(v) >= _ORDER.index(low))
                and (high is None or _ORDER.index(v) <= _ORDER.index(high))]
     if not allowed:
         raise ValueError(f"protocols {text!r} leave no protocol to use")
+    # A minimum and a maximum cannot leave out a version between them: keep the highest
+    # contiguous run rather than let an excluded version back in.
+    while _ORDER.index(allowed[-1]) - _ORDER.index(allowed[0]) >= len(allowed):
+        allowed.pop(0)
     low_out = allowed[0] if allowed[0] != _ORDER[0] or low or excluded or included else None
     high_out = allowed[-1] if allowed[-1] != _ORDER[-1] else None
     return low_out, high_out

@@ -120,7 +120,8 @@ def _check_key(path: Path, line: int, key: str) -> str:
     host = key
     if key.startswith("["):
         host, sep, port = key[1:].partition("]")
-        if not sep or (port and (not port.startswith(":") or not port[1:].isdigit()
+        if not sep or (port and (not port.startswith(":") or not port[1:].isascii()
+                                 or not port[1:].isdigit()
                                  or not 0 < int(port[1:]) < 65536)):
             raise ConfigError(path, line, None, f"{key!r} is not [host] or [host]:port")
     elif key.startswith("."):

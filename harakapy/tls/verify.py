@@ -51,6 +51,8 @@ def name_matches(presented: str, reference: str) -> bool:
 def _below(presented: str, parent: str) -> bool:
     """Whether the certificate name covers a name strictly below ``parent``."""
     name = presented[2:] if presented.startswith("*.") else presented
+    if "*" in name or (presented.startswith("*.") and "." not in name):
+        return False  # the wildcards name_matches never honours: not here either
     if presented.startswith("*.") and name == parent:
         return True
     return name.endswith("." + parent)
