@@ -132,8 +132,20 @@ def test_fingerprint_digests_from_several_match_attributes_accumulate(table):
 def test_exclusion_list_protocols_and_cipher_grade(table):
     got = policy(table, "legacy.example")
     assert got.level is Level.MAY
-    assert (got.min_protocol, got.max_protocol) == (V.TLSv1_1, None)
+    # "!SSLv2:!SSLv3:!TLSv1" is old Postfix boilerplate: it leaves the floor to
+    # [outbound] min_protocol rather than lowering it to TLS 1.1.
+    assert (got.min_protocol, got.max_protocol) == (None, None)
     assert got.ciphers == CIPHER_GRADES["medium"]
+
+
+@pytest.mark.parametrize(("value", "low"), [
+    ("!SSLv2:!SSLv3", None),  # would be TLS 1.0: left to min_protocol
+    ("!SSLv2:!SSLv3:!TLSv1:!TLSv1.1", V.TLSv1_2),  # at or above the floor: kept
+    (">=TLSv1", V.TLSv1),  # said on purpose: kept
+])
+def test_exclusion_lists_never_lower_the_configured_floor(value, low):
+    parsed = PolicyTable.parse(Path("tls_policy"), f"old.example encrypt protocols={value}\n")
+    assert parsed.lookup("old.example").policy.min_protocol == low
 
 
 def test_every_level_is_read(table):

@@ -137,7 +137,9 @@ class Delivery:
             not meet the TLS policy: nothing but EHLO, STARTTLS and QUIT was sent).
         """
         host = plan.host
-        key = (host.hostname, ip, host.port, host.lmtp, plan.session_key)
+        # The settings too: after a reload that changed ca_file, no session verified
+        # against the old CAs is reused.
+        key = (host.hostname, ip, host.port, host.lmtp, plan.session_key, self.tls.settings)
         pooled = self.pool.take(key) if reuse else None
         if pooled is not None:
             return pooled, key, True

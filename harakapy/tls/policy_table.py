@@ -17,6 +17,7 @@ caller's text.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,11 @@ def _parse_policy(path: Path, line: int, fields: list[str], *, reason: str) -> P
                 low, high = parse_protocols(value)
             except ValueError as exc:
                 raise ConfigError(path, line, None, f"protocols: {exc}") from None
+            if "!" in value and ">=" not in value and low is not None \
+                    and low < ssl.TLSVersion.TLSv1_2:
+                # Old tables carry "!SSLv2:!SSLv3" as boilerplate. Copied here, it must
+                # not lower [outbound] min_protocol; ">=TLSv1" says so on purpose.
+                low = None
         elif name == "ciphers":
             ciphers = value
         elif name == "exclude":
