@@ -633,3 +633,13 @@ def test_cipher_list_result_is_usable_by_openssl():
 def test_cipher_list_refuses_what_selects_nothing(grade, exclude):
     with pytest.raises(ValueError, match="OpenSSL selects no cipher"):
         cipher_list(grade, exclude)
+
+
+@pytest.mark.parametrize(("key", "words"), [
+    ("example.com:587", "[host]:port"),
+    ("*.example.com", "no wildcards"),
+])
+def test_keys_that_could_never_match_are_refused(key, words):
+    with pytest.raises(ConfigError) as caught:
+        PolicyTable.parse(Path("tls_policy"), f"# x\n{key} verify\n")
+    assert "tls_policy:2:" in str(caught.value) and words in str(caught.value)

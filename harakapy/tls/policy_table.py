@@ -127,6 +127,11 @@ def _check_key(path: Path, line: int, key: str) -> str:
             raise ConfigError(path, line, None, f"{key!r} is not [host] or [host]:port")
     elif key.startswith("."):
         host = key[1:]
+    if ":" in host and not key.startswith("["):
+        host = ""  # "example.com:587" would never match: Postfix writes [host]:port
+    if "*" in host:
+        raise ConfigError(path, line, None, f"{key!r}: no wildcards; .example.com means "
+                                            f"every subdomain of example.com")
     if not host or any(not label for label in host.split(".")) or " " in host:
         raise ConfigError(path, line, None, f"{key!r} is not a domain, .domain, [host] "
                                             f"or [host]:port")
