@@ -189,6 +189,25 @@ async def test_every_reply_after_ehlo_carries_an_enhanced_code(local_dir):
         await client.close()
 
 
+async def test_connections_have_all_the_state_aiosmtpd_sets_up(local_dir):
+    # SmtpProtocol sets up aiosmtpd's state itself, from tables made once per class: a
+    # newer aiosmtpd must not add state that our connections then lack.
+    from aiosmtpd.smtp import SMTP
+
+    from harakapy.inbound.protocol import SmtpProtocol, _NoHandler
+
+    async with running_server(local_dir) as hp:
+        ours = SmtpProtocol(hp.server)
+        theirs = SMTP(_NoHandler(), hostname="mx.example.test", auth_require_tls=False)
+        assert set(vars(theirs)) <= set(vars(ours)) | {"_auth_methods"}
+        assert set(ours._auth_methods) == set(theirs._auth_methods) == {"PLAIN", "LOGIN"}
+        assert set(ours._smtp_methods) == set(theirs._smtp_methods)
+        for name, method in ours._smtp_methods.items():  # HELP reads the syntax
+            function = getattr(SmtpProtocol, f"smtp_{name}")
+            assert getattr(method, "__smtp_syntax__", None) == getattr(
+                function, "__smtp_syntax__", None)
+
+
 async def test_smtplib_client_with_verified_starttls(config_dir, server_cert, tls_ca):
     key, cert = server_cert
     root = config_dir({**LOCAL, "tls.ini": f"[main]\nkey = {key}\ncert = {cert}\n"},
