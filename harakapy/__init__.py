@@ -4,7 +4,7 @@ The public API for plugins: ``hookimpl`` and the results a decision hook returns
 """
 
 from harakapy.config import Config, ConfigError
-from harakapy.plugins import hookimpl
+from harakapy.plugins import checked_config, hookimpl
 from harakapy.results import Action, Result, deny, denydisconnect, denysoft, ok
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "Result",
     "Server",
     "__version__",
+    "checked_config",
     "deny",
     "denydisconnect",
     "denysoft",

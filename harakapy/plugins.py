@@ -17,6 +17,7 @@ import logging
 import re
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +34,23 @@ from harakapy.tls.policy import Policy
 log = logging.getLogger("harakapy.plugins")
 
 hookimpl = pluggy.HookimplMarker("harakapy")
+
+
+def checked_config(key: str, build: Callable[[Config], object]) -> tuple[Callable, Callable]:
+    """A plugin's ``startup`` and ``config_reload`` hooks that build its parsed settings
+    (``config.derive(key, build)``), so a mistake in them stops the start, or refuses the
+    reload, naming the file and line::
+
+        startup, config_reload = checked_config("relay.acl", load_acl)
+    """
+
+    def startup(server: Any) -> None:
+        server.config.derive(key, build)
+
+    def config_reload(server: Any) -> None:
+        server.config.derive(key, build)
+
+    return hookimpl(startup), hookimpl(config_reload)
 ENTRY_POINT_GROUP = "harakapy.plugins"
 
 _NAME = re.compile(r"^[A-Za-z_][\w.\-]*(/[A-Za-z_][\w.\-]*)*$")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from harakapy import Config, hookimpl, ok
+from harakapy import Config, checked_config, hookimpl, ok
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -40,14 +40,7 @@ def _acl(server) -> tuple[Network, ...]:
     return server.config.derive("relay.acl", load_acl)
 
 
-@hookimpl
-def startup(server) -> None:
-    _acl(server)
-
-
-@hookimpl
-def config_reload(server) -> None:
-    _acl(server)
+startup, config_reload = checked_config("relay.acl", load_acl)
 
 
 @hookimpl

@@ -17,7 +17,7 @@ Settings: config/tls_pin.ini   Docs: docs/plugins/tls_pin.md
 
 from __future__ import annotations
 
-from harakapy import Config, hookimpl
+from harakapy import Config, checked_config, hookimpl
 from harakapy.tls.policy import Level, Pin, Policy
 from harakapy.tls.policy_table import lookup_keys
 
@@ -63,14 +63,7 @@ def _pins(server) -> dict[str, Policy]:
     return server.config.derive("tls_pin.pins", load_pins)
 
 
-@hookimpl
-def startup(server) -> None:
-    _pins(server)
-
-
-@hookimpl
-def config_reload(server) -> None:
-    _pins(server)
+startup, config_reload = checked_config("tls_pin.pins", load_pins)
 
 
 @hookimpl

@@ -13,7 +13,7 @@ Settings: config/tls_policy   Docs: docs/plugins/tls_require.md
 
 from __future__ import annotations
 
-from harakapy import Config, hookimpl
+from harakapy import Config, checked_config, hookimpl
 from harakapy.tls.policy_table import PolicyTable
 
 
@@ -29,14 +29,7 @@ def _table(server) -> PolicyTable:
     return server.config.derive("tls_require.table", load_table)
 
 
-@hookimpl
-def startup(server) -> None:
-    _table(server)
-
-
-@hookimpl
-def config_reload(server) -> None:
-    _table(server)
+startup, config_reload = checked_config("tls_require.table", load_table)
 
 
 @hookimpl

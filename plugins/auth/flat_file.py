@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from harakapy import Config, deny, hookimpl, ok
+from harakapy import Config, checked_config, deny, hookimpl, ok
 from harakapy.passwords import hash_password, is_hash, verify_password
 
 
@@ -35,14 +35,7 @@ def _users(server) -> dict[str, str]:
     return server.config.derive("auth_flat_file.users", load_users)
 
 
-@hookimpl
-def startup(server) -> None:
-    _users(server)
-
-
-@hookimpl
-def config_reload(server) -> None:
-    _users(server)
+startup, config_reload = checked_config("auth_flat_file.users", load_users)
 
 
 @hookimpl

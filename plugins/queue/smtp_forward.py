@@ -11,7 +11,7 @@ Settings: config/smtp_forward.ini [main]   Docs: docs/plugins/queue.smtp_forward
 
 from __future__ import annotations
 
-from harakapy import Config, denysoft, hookimpl, ok
+from harakapy import Config, checked_config, denysoft, hookimpl, ok
 from harakapy.outbound.mx import MxHost
 from harakapy.spool.store import SpoolError
 
@@ -35,14 +35,7 @@ def _local_domains(server) -> frozenset[str]:
         entry.value.lower().rstrip(".") for entry in config.list("host_list")))
 
 
-@hookimpl
-def startup(server) -> None:
-    _backend(server)
-
-
-@hookimpl
-def config_reload(server) -> None:
-    _backend(server)
+startup, config_reload = checked_config("smtp_forward.backend", load_backend)
 
 
 @hookimpl
