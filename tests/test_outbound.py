@@ -35,13 +35,14 @@ ghost.noaddr.test. TXT "no address here"
 """
 
 
-def free_port_on_all() -> int:
+def free_port_on_all(lasts: tuple[int, ...] = (3, 4, 5)) -> int:
+    """A port free on 127.0.0.2 and on 127.0.0.<each of lasts>."""
     for _ in range(50):
         with socket.socket() as probe:
             probe.bind(("127.0.0.2", 0))
             port = probe.getsockname()[1]
         try:
-            for last in (3, 4, 5):
+            for last in lasts:
                 with socket.socket() as other:
                     other.bind((f"127.0.0.{last}", port))
             return port

@@ -48,6 +48,8 @@ selfsigned.test. MX 10 mx.selfsigned.test.
 mx.selfsigned.test. A 127.0.0.15
 old.test. MX 10 mx.old.test.
 mx.old.test. A 127.0.0.16
+old11.test. MX 10 mx.old11.test.
+mx.old11.test. A 127.0.0.18
 strip.test. MX 10 mx.strip.test.
 mx.strip.test. A 127.0.0.17
 two.test. MX 10 mx1.two.test.
@@ -113,7 +115,7 @@ class Env:
 @pytest.fixture
 async def make_env(config_dir, tmp_path):
     dns = await DnsServer(ZONE).start()
-    port = free_port_on_all()
+    port = free_port_on_all((4, *range(11, 19)))
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     certs = Certs(ca, tmp_path)
@@ -144,13 +146,13 @@ async def make_env(config_dir, tmp_path):
     dns.close()
 
 
-def tls_1_0_only(cert: tuple[str, str]) -> ssl.SSLContext:
+def old_tls_only(cert: tuple[str, str], version: ssl.TLSVersion) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*cert)
     context.set_ciphers("DEFAULT:@SECLEVEL=0")
     with pytest.warns(DeprecationWarning):
-        context.minimum_version = ssl.TLSVersion.TLSv1
-        context.maximum_version = ssl.TLSVersion.TLSv1
+        context.minimum_version = version
+        context.maximum_version = version
     return context
 
 
@@ -172,8 +174,11 @@ async def start_mx(env: Env, kind: str) -> ReceivingMTA:
     if kind == "selfsigned":
         return await env.mta("127.0.0.15", tls_context=self_signed_context("mx.selfsigned.test"))
     if kind == "old":
-        context = tls_1_0_only(certs.files("old", "mx.old.test"))
+        context = old_tls_only(certs.files("old", "mx.old.test"), ssl.TLSVersion.TLSv1)
         return await env.mta("127.0.0.16", tls_context=context)
+    if kind == "old11":
+        context = old_tls_only(certs.files("old11", "mx.old11.test"), ssl.TLSVersion.TLSv1_1)
+        return await env.mta("127.0.0.18", tls_context=context)
     raise AssertionError(kind)
 
 
@@ -188,21 +193,28 @@ OUTCOMES = {
     ("may", "expired"): "tls",
     ("may", "selfsigned"): "tls",
     ("may", "old"): "tls",
+    ("may", "old11"): "tls",
     ("encrypt", "plain"): "starttls-not-supported",
     ("encrypt", "good"): "tls",
     ("encrypt", "selfsigned"): "tls",
     ("encrypt", "old"): "validation-failure",
+    ("encrypt", "old11"): "validation-failure",
+    ("encrypt", "wrong"): "tls",
+    ("encrypt", "expired"): "tls",
     ("verify", "plain"): "starttls-not-supported",
     ("verify", "good"): "tls",
     ("verify", "wrong"): "certificate-host-mismatch",
     ("verify", "expired"): "certificate-expired",
     ("verify", "selfsigned"): "certificate-not-trusted",
     ("verify", "old"): "validation-failure",
+    ("verify", "old11"): "validation-failure",
     ("secure", "plain"): "starttls-not-supported",
     ("secure", "good"): "tls",
     ("secure", "wrong"): "certificate-host-mismatch",
     ("secure", "expired"): "certificate-expired",
     ("secure", "selfsigned"): "certificate-not-trusted",
+    ("secure", "old11"): "validation-failure",
+    ("none", "plain"): "plain",
 }
 
 
