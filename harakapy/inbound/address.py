@@ -80,12 +80,14 @@ def parse_path(text: str, *, allow_null: bool, smtputf8: bool) -> tuple[Address,
         if allow_null:
             return NULL, rest.strip()
         raise AddressError("empty address")
-    if not smtputf8 and not path.isascii():
+    ascii_only = path.isascii()
+    if not smtputf8 and not ascii_only:
         raise AddressError("non-ASCII address needs SMTPUTF8")
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in path):
+    if not ascii_only and any(0xD800 <= ord(c) <= 0xDFFF for c in path):
         # aiosmtpd keeps undecodable bytes as lone surrogates: not UTF-8, not an address.
         raise AddressError("address is not valid UTF-8")
-    path = _ROUTE.sub("", path, count=1)  # RFC 5321 4.1.2: source routes are ignored
+    if path[:1] == "@":
+        path = _ROUTE.sub("", path, count=1)  # RFC 5321 4.1.2: source routes are ignored
     match = _MAILBOX.match(path)
     if match is None:
         raise AddressError(f"malformed address <{path}>")
