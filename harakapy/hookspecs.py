@@ -271,9 +271,9 @@ def tls_policy(domain: str, hosts: list[MxHost], routed: bool, message: QueuedMe
 
     Return a :class:`~harakapy.tls.policy.Policy` (``Policy(Level.VERIFY)``), or ``None``
     to let the next plugin decide; when none does, ``[outbound] default_level`` in
-    ``config/tls.ini`` applies (``may``). The shipped order ``tls_require, dane, mta_sts``
-    puts the operator's table first, then DANE (RFC 8461 section 2: MTA-STS must not
-    override DANE), then MTA-STS.
+    ``config/tls.ini`` applies (``may``). The shipped order puts the operator's table
+    first (``tls_require``, ``tls_pin``); the ``dane`` and ``mta_sts`` plugins go after
+    them, DANE before MTA-STS (RFC 8461 section 2: MTA-STS must not override DANE).
 
     Stops at the first non-None result. A plugin that fails defers the mail (4.7.0): a
     broken policy source never becomes a weaker policy.

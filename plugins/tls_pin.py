@@ -1,8 +1,9 @@
 """tls_pin: pin the certificate (or public key) of a destination's servers.
 
 config/tls_pin.ini has a section per destination (``[example.com]``, ``[.example.com]``
-for its subdomains, ``[[relay.example]:587]`` for a routed next hop) with the digests to
-accept; list the next certificate's digest beside the current one before rotating.
+for its subdomains) with the digests to accept; list the next certificate's digest beside
+the current one before rotating. Mail a get_mx plugin routed is left to tls_require (a
+``fingerprint`` entry for ``[host]:port``).
 
     [bank.example]
     pins = sha256:1f6a...e2, sha256:9c03...41
@@ -68,9 +69,10 @@ startup, config_reload = checked_config("tls_pin.pins", load_pins)
 
 @hookimpl
 def tls_policy(domain, hosts, routed, server):
+    if routed:
+        return None  # a routed next hop is pinned with a fingerprint entry in tls_policy
     pins = _pins(server)
-    route = [(host.hostname, host.port) for host in hosts] if routed else None
-    for key in lookup_keys(domain, route):
+    for key in lookup_keys(domain):
         if key in pins:
             return pins[key]
     return None

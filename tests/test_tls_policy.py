@@ -531,6 +531,8 @@ class Authority:
         if found == "bogus":
             return TlsaLookup(base_domain=host.hostname, failure=Failure(
                 ResultType.DNSSEC_INVALID, "TLSA answer failed DNSSEC validation"))
+        if found == "unusable":
+            return TlsaLookup(base_domain=host.hostname, unusable=True)
         return TlsaLookup(tuple(found or ()), base_domain=host.hostname)
 
     def verify(self, lookup, chain, host, nexthop):
@@ -545,7 +547,7 @@ def tls_policy(domain, server):
     records = {}
     for line in server.config.list("tlsa_stub"):
         host, digest = line.value.split()
-        records[host] = "bogus" if digest == "bogus" else [
+        records[host] = digest if digest in ("bogus", "unusable") else [
             TlsaRecord(3, 1, 1, bytes.fromhex(digest))]
     level = Level.DANE_ONLY if domain.startswith(("strip", "two")) else Level.DANE
     return Policy(level, dane=Authority(records))
@@ -826,3 +828,58 @@ async def test_dane_only_without_a_dane_plugin_never_delivers(make_env):
     await eventually(lambda: env.captured("deferred"))
     assert mx.connections == 0
     assert "no plugin supplies DANE" in env.failures()[0].failure.reason
+
+
+@pytest.mark.parametrize(("kind", "delivered"), [("good", True), ("plain", False)])
+async def test_unusable_tlsa_records_still_demand_tls(make_env, kind, delivered):
+    # RFC 7672 2.2: TLSA records that exist but none usable: TLS without authentication.
+    env = await dane_env(make_env, f"mx.{kind}.test unusable\n")
+    mx = await start_mx(env, kind)
+    await env.send(f"bob@{kind}.test")
+    if delivered:
+        await eventually(lambda: mx.messages)
+        assert mx.messages[0].tls
+        (report,) = env.captured("tls_result")  # the session counted once, as a failure
+        assert report.result_type == "tlsa-invalid" and not report.enforced
+    else:
+        await eventually(lambda: env.captured("deferred"))
+        assert mx.messages == [] and not mx.commands
+        assert [r.result_type for r in env.captured("tls_result")] == [
+            "tlsa-invalid", "starttls-not-supported"]
+
+
+async def test_a_report_only_mx_mismatch_is_reported_once(make_env):
+    env = await sts_env(make_env, "good.test testing mx.other.test\n")
+    mx = await start_mx(env, "good")
+    await env.send("bob@good.test")
+    await eventually(lambda: mx.messages)
+    (report,) = env.captured("tls_result")
+    assert report.failure.code == "mtasts-policy-mx-mismatch" and not report.enforced
+
+
+ROUTER_TWO = '''
+from harakapy import hookimpl
+from harakapy.outbound.mx import MxHost
+
+
+@hookimpl
+def get_mx(domain, server):
+    port = int(server.config.value("smarthost_port"))
+    return [MxHost("mx.elsewhere.example", port=port), MxHost("mx.good.test", port=port)]
+'''
+
+
+async def test_each_routed_next_hop_has_its_own_policy(make_env):
+    # Postfix looks each next hop up on its own: [mx.elsewhere.example] (a host with no
+    # address here) has no entry and must not lend mx.good.test's entry to itself, nor
+    # its name to mx.good.test's secure check.
+    env = await make_env("", plugins="router\ntls_require\n",
+                         plugin_files={"router": ROUTER_TWO})
+    (env.hp.root / "config" / "smarthost_port").write_text(f"{env.port}\n")
+    (env.hp.root / "config" / "tls_policy").write_text("[mx.good.test] secure\n")
+    assert await env.hp.server.reload()
+    smarthost = await start_mx(env, "good")
+    await env.send("bob@wrong.test")
+    await eventually(lambda: smarthost.messages)
+    (result,) = env.captured("tls_result")
+    assert result.level == "secure" and result.domain == "mx.good.test"

@@ -19,7 +19,7 @@ from harakapy.outbound.client import Reply, SessionError, SmtpSession
 from harakapy.outbound.mx import MxHost
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
 from harakapy.outbound.settings import OutboundSettings
-from harakapy.tls.policy import Policy
+from harakapy.outbound.tls_policy import Route
 
 log = logging.getLogger("harakapy.outbound")
 
@@ -163,13 +163,10 @@ class Delivery:
             raise
         return session, key, False
 
-    async def attempt(self, hosts: list[MxHost], sender: str, recipients: list[str],
-                      message: bytes, *, smtputf8: bool, policy: Policy, nexthop: str
-                      ) -> Outcome:
-        """Try ``hosts`` in order until one takes a decision on every recipient.
-
-        :param policy: The destination's TLS policy.
-        :param nexthop: The destination (the recipient domain, or the route's name).
+    async def attempt(self, routes: list[Route], sender: str, recipients: list[str],
+                      message: bytes, *, smtputf8: bool) -> Outcome:
+        """Try the hosts in order, each under its TLS policy, until one takes a decision
+        on every recipient.
 
         A host that fails the TLS policy, cannot be reached, greets badly, fails EHLO,
         refuses MAIL with 4xx, drops the line, or cannot carry this message (no 8BITMIME,
@@ -186,11 +183,12 @@ class Delivery:
                                    or any(not r.isascii() for r in recipients))
         temporary = False
         capability: tuple[str, str] | None = None
-        for host in hosts:
+        for route in routes:
+            host = route.host
             try:
-                plan = await self.tls.plan(policy, host, nexthop)
+                plan = await self.tls.plan(route.policy, host, route.nexthop)
             except TlsFailure as exc:
-                outcome.errors.append(f"{host.hostname}: {exc.reason}")
+                outcome.errors.append(f"{host.hostname}: {exc.status} {exc.reason}")
                 outcome.tls_status = exc.status
                 temporary = True
                 continue
@@ -236,7 +234,7 @@ class Delivery:
         try:
             session, key, pooled = await self.open_session(plan, ip, reuse=not fresh)
         except TlsFailure as exc:
-            outcome.errors.append(f"{where}: {exc.reason}")
+            outcome.errors.append(f"{where}: {exc.status} {exc.reason}")
             outcome.tls_status = exc.status
             return "failed"
         except SessionError as exc:

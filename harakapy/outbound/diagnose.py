@@ -2,7 +2,7 @@
 each MX does when delivery connects to it under that policy.
 
 It asks the same hooks and runs the same connection step as delivery (``next_hops``,
-:func:`find_policy`, :class:`Negotiator`), so what it shows is what delivery would do. A
+:func:`routes_for`, :class:`Negotiator`), so what it shows is what delivery would do. A
 probe sends EHLO, STARTTLS and QUIT: never MAIL FROM.
 """
 
@@ -17,9 +17,9 @@ from harakapy.outbound.client import SessionError, SmtpSession
 from harakapy.outbound.delivery import Delivery
 from harakapy.outbound.mx import MxError, MxHost
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
-from harakapy.outbound.queue import next_hop_name, next_hops
+from harakapy.outbound.queue import next_hops
 from harakapy.outbound.settings import OutboundSettings
-from harakapy.outbound.tls_policy import find_policy, tls_settings
+from harakapy.outbound.tls_policy import Route, find_policy, routes_for, tls_settings
 from harakapy.tls.policy import Level, Policy
 from harakapy.tls.results import TlsResult
 from harakapy.tls.verify import CertificateFacts
@@ -81,20 +81,24 @@ async def diagnose(server: Server, domain: str, *, probe: bool) -> Diagnosis:
     result.routed = routed
     result.hosts = [f"{h.hostname}:{h.port}" + (f" (MX {h.preference})" if not routed else "")
                     for h in hosts]
-    policy = await find_policy(server, domain, hosts, routed=routed)
-    nexthop = next_hop_name(domain, hosts, routed)
+    routes = await routes_for(server, domain, hosts, routed=routed)
+    policy = routes[0].policy if routes else await find_policy(server, domain, [],
+                                                               routed=False)
     result.policy, result.level = policy.describe(), policy.level.value
     result.decided_by, result.why = policy.decided_by, policy.reason
     result.source = dataclasses.asdict(policy.source)
+    if routed:  # each routed next hop has a policy of its own
+        result.hosts = [f"{text}: {r.policy.describe()} ({r.policy.decided_by or 'default'})"
+                        for text, r in zip(result.hosts, routes, strict=True)]
     if probe:
-        for host in hosts:
-            result.probes += await _probe_host(server, settings, resolver, policy, host,
-                                               nexthop)
+        for route in routes:
+            result.probes += await _probe_host(server, settings, resolver, route)
     return result
 
 
 async def _probe_host(server: Server, settings: OutboundSettings, resolver: Resolver,
-                      policy: Policy, host: MxHost, nexthop: str) -> list[Probe]:
+                      route: Route) -> list[Probe]:
+    policy, host, nexthop = route.policy, route.host, route.nexthop
     reports: list[TlsResult] = []
 
     async def collect(report: TlsResult) -> None:

@@ -54,6 +54,9 @@ class HostPlan:
         has no TLSA records, ``dane-only`` never does).
     :ivar tlsa: The MX's TLSA records at a DANE level.
     :ivar source: The policy's source, or the MX's TLSA records when DANE applies.
+    :ivar quiet: This session's outcome was already reported (a report-only policy's
+        failure, all TLSA records unusable): report only a failure that stops the mail.
+        Quiet never weakens what is enforced.
     """
 
     policy: Policy
@@ -62,6 +65,7 @@ class HostPlan:
     level: Level
     tlsa: TlsaLookup | None
     source: PolicySource
+    quiet: bool = False
 
     @property
     def session_key(self) -> tuple:
@@ -151,27 +155,36 @@ class Negotiator:
         :raises TlsFailure: the MX must not be used (not an MTA-STS ``mx``, its TLSA
             lookup failed, DANE required but no TLSA records); already reported.
         """
-        level, tlsa, source = policy.level, None, policy.source
+        level, tlsa, source, quiet = policy.level, None, policy.source, False
         if policy.mx_patterns and not any(verify.mx_pattern_matches(p, host.hostname)
                                           for p in policy.mx_patterns):
             failure = Failure(ResultType.VALIDATION_FAILURE,
                               f"{host.hostname} matches no mx pattern of the policy "
                               f"({', '.join(policy.mx_patterns)})",
                               "mtasts-policy-mx-mismatch")
-            plan = HostPlan(policy, host, nexthop, level, None, source)
-            await self._fail(plan, failure, None)
-            level = Level.MAY  # report-only: on as if there were no policy
+            await self._fail(HostPlan(policy, host, nexthop, level, None, source), failure,
+                             None)
+            # Report-only: on as if there were no policy, and that session is not the
+            # policy's to report (RFC 8460 counts it once, as this failure).
+            level, quiet = Level.MAY, True
         if level in (Level.DANE, Level.DANE_ONLY):
             tlsa = await policy.dane.lookup(host) if policy.dane is not None else \
                 TlsaLookup()
-            if tlsa.records or tlsa.failure:
+            if tlsa.records or tlsa.failure or tlsa.unusable:
                 source = PolicySource("tlsa", tlsa.base_domain or host.hostname,
                                       tuple(str(r) for r in tlsa.records))
             plan = HostPlan(policy, host, nexthop, level, tlsa, source)
             if tlsa.failure is not None:
                 # A failed TLSA lookup rules the MX out at "dane" too (RFC 7672 2.2).
                 await self._fail(plan, tlsa.failure, None, required=True)
-                level = Level.MAY
+                level, quiet = Level.MAY, True
+            elif tlsa.unusable:
+                # RFC 7672 2.2: records exist, none usable: TLS is still mandatory, only
+                # without authentication. Reported once, as tlsa-invalid.
+                await self._report(plan, Failure(
+                    ResultType.TLSA_INVALID, f"no usable TLSA record for {host.hostname}",
+                    "all-TLSA-records-unusable"), None, enforced=False)
+                level, quiet = Level.ENCRYPT, True
             elif not tlsa.records:
                 if level is Level.DANE_ONLY:
                     why = (f"{host.hostname} has no usable TLSA records" if policy.dane
@@ -180,21 +193,20 @@ class Negotiator:
                         ResultType.DANE_REQUIRED, f"DANE is required, but {why}",
                         "dane-required"), None)
                 level = Level.MAY
-            if level is Level.MAY:
+            if level in (Level.MAY, Level.ENCRYPT):
                 tlsa = None
-        return HostPlan(policy, host, nexthop, level, tlsa, source)
+        return HostPlan(policy, host, nexthop, level, tlsa, source, quiet)
 
     # -- on an open session -----------------------------------------------------------
 
-    async def secure(self, session: SmtpSession, plan: HostPlan, reopen: Reopen, *,
-                     quiet: bool = False) -> SmtpSession:
+    async def secure(self, session: SmtpSession, plan: HostPlan, reopen: Reopen
+                     ) -> SmtpSession:
         """STARTTLS as ``plan`` demands, certificate checks, then EHLO again.
 
         :param session: Open and greeted (EHLO done), nothing else sent.
         :param reopen: Opens a fresh session (connect, greeting, EHLO): at ``may`` (and for
             report-only policies) a failed handshake is followed by plaintext on a new
             connection, as Postfix does.
-        :param quiet: Report nothing (the ``may`` that follows a report-only failure).
         :returns: The session to deliver on: encrypted, or plaintext where allowed.
         :raises TlsFailure: the session does not meet the policy; it is closed.
         :raises SessionError: the connection broke.
@@ -202,7 +214,7 @@ class Negotiator:
         if plan.level is Level.NONE:
             return session
         if not session.supports("STARTTLS"):
-            if plan.requires_tls and not quiet:
+            if plan.requires_tls:
                 await self._fail(plan, Failure(
                     ResultType.STARTTLS_NOT_SUPPORTED,
                     "TLS is required, but was not offered by the host",
@@ -219,8 +231,7 @@ class Negotiator:
                 session.abort()  # the TLS layer is broken: nothing more can be said on it
             else:
                 raise
-            if not quiet:
-                await self._fail(plan, failure, session)  # raises when enforced
+            await self._fail(plan, failure, session)  # raises when enforced
             if exc.stage == "starttls":
                 log.info("%s [%s] refused STARTTLS (%s); going on in plaintext",
                          plan.host.hostname, session.peer_ip, exc.reply)
@@ -228,15 +239,15 @@ class Negotiator:
             fresh = await reopen()
             if plan.level is not Level.MAY:
                 # A report-only policy failed: on as if there were none, which is "may".
-                return await self.secure(fresh, as_may(plan), reopen, quiet=True)
+                return await self.secure(fresh, as_may(plan), reopen)
             log.info("TLS with %s [%s] failed (%s); retrying in plaintext",
                      plan.host.hostname, session.peer_ip, exc.reason)
             return fresh
-        failure = None if quiet else self._check_certificate(session, plan)
+        failure = self._check_certificate(session, plan)
         if failure is not None:
             await self._fail(plan, failure, session)  # raises when enforced
         await session.ehlo(session.ehlo_name)  # RFC 3207 4.2: forget what was said before
-        if failure is None and not quiet:
+        if failure is None:
             await self._report(plan, None, session)
         return session
 
@@ -286,17 +297,18 @@ class Negotiator:
         await self._report(plan, failure, session, enforced=enforced)
         if not enforced:
             return
-        log.warning("TLS policy (%s) not met by %s [%s] for %s: %s", plan.level,
-                    plan.host.hostname, session.peer_ip if session else "-", plan.nexthop,
-                    failure.reason)
+        if self.report is not None:  # a probe's side connections check quietly
+            log.warning("TLS policy (%s) not met by %s [%s] for %s: %s", plan.level,
+                        plan.host.hostname, session.peer_ip if session else "-",
+                        plan.nexthop, failure.reason)
         if session is not None:
             await session.quit()
         raise TlsFailure(failure)
 
     async def _report(self, plan: HostPlan, failure: Failure | None,
                       session: SmtpSession | None, *, enforced: bool = True) -> None:
-        if self.report is None:
-            return
+        if self.report is None or (plan.quiet and (failure is None or not enforced)):
+            return  # quiet: only a failure that stops the mail is news
         ssl_object = session.ssl_object if session is not None else None
         cipher = ssl_object.cipher() if ssl_object is not None else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -316,5 +328,5 @@ class Negotiator:
 
 
 def as_may(plan: HostPlan) -> HostPlan:
-    """The plan for a report-only policy's fallback: ``may`` with the same host."""
-    return replace(plan, level=Level.MAY, tlsa=None)
+    """The plan for a report-only policy's fallback: ``may``, unreported."""
+    return replace(plan, level=Level.MAY, tlsa=None, quiet=True)

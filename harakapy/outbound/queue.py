@@ -32,7 +32,7 @@ from harakapy.outbound.delivery import Delivery, Outcome, RecipientResult
 from harakapy.outbound.mx import MxError, MxHost
 from harakapy.outbound.negotiate import Negotiator
 from harakapy.outbound.settings import OutboundSettings
-from harakapy.outbound.tls_policy import PolicyLookupError, find_policy, tls_settings
+from harakapy.outbound.tls_policy import PolicyLookupError, routes_for, tls_settings
 from harakapy.results import Result
 from harakapy.spool.store import (
     BOUNCED,
@@ -329,8 +329,8 @@ class OutboundQueue:
         indexes = [message.recipients.index(r) for r in pending]
         try:
             hosts, routed = await self._hosts(message, job.domain)
-            policy = await find_policy(self.server, job.domain, hosts, routed=routed,
-                                       message=message)
+            routes = await routes_for(self.server, job.domain, hosts, routed=routed,
+                                      message=message)
         except MxError as exc:
             state = BOUNCED if exc.permanent else DEFERRED
             outcome = Outcome([RecipientResult(i, state, exc.reason, exc.enhanced)
@@ -344,9 +344,8 @@ class OutboundQueue:
             return
         body = await self._in_thread(message.read)
         outcome = await self.delivery.attempt(
-            hosts, message.sender, [message.recipients[i].address for i in indexes], body,
-            smtputf8=message.smtputf8, policy=policy,
-            nexthop=next_hop_name(job.domain, hosts, routed))
+            routes, message.sender, [message.recipients[i].address for i in indexes], body,
+            smtputf8=message.smtputf8)
         # attempt() numbers results by position in the list it was given.
         for result in outcome.results:
             result.index = indexes[result.index]
@@ -493,12 +492,6 @@ async def next_hops(server: Server, resolver: Resolver, domain: str, *, port: in
     if answer is not None:
         return _routes(answer, port), True
     return await mx_module.resolve(resolver, domain, port=port, me=[server.me]), False
-
-
-def next_hop_name(domain: str, hosts: list[MxHost], routed: bool) -> str:
-    """The next hop's name, as Postfix means it: the recipient domain, or the route's
-    host when a plugin routed the mail (``secure``'s ``nexthop`` match, TLS reports)."""
-    return hosts[0].hostname.strip("[]") if routed and hosts else domain
 
 
 def _routes(answer: object, port: int) -> list[MxHost]:

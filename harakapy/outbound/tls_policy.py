@@ -6,7 +6,7 @@ what delivery does.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from harakapy.results import Result
@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from harakapy.outbound.mx import MxHost
     from harakapy.server import Server
     from harakapy.spool.store import QueuedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One host to try, with the policy it must meet.
+
+    :ivar nexthop: The next hop's name as Postfix means it: the recipient domain for mail
+        that went by MX records; the host itself for routed mail (``secure``'s ``nexthop``
+        match, the policy domain in reports).
+    """
+
+    host: MxHost
+    policy: Policy
+    nexthop: str
 
 
 class PolicyLookupError(Exception):
@@ -47,9 +61,28 @@ async def find_policy(server: Server, domain: str, hosts: list[MxHost], *, route
     if policy.level in (Level.DANE, Level.DANE_ONLY) and policy.dane is None:
         authority, provider = await server.plugins.call_first_named("dane_authority",
                                                                     server=server)
-        if isinstance(authority, Result):
+        if isinstance(authority, Result) or (authority is not None and not (
+                callable(getattr(authority, "lookup", None))
+                and callable(getattr(authority, "verify", None)))):
             raise PolicyLookupError(f"the DANE verifier for {domain} is not available "
-                                    f"(plugin {provider} failed)")
+                                    f"(plugin {provider} failed, or answered without "
+                                    f"lookup() and verify())")
         if authority is not None:
             policy = replace(policy, dane=authority)
     return policy
+
+
+async def routes_for(server: Server, domain: str, hosts: list[MxHost], *, routed: bool,
+                     message: QueuedMessage | None = None) -> list[Route]:
+    """Each host with its policy: one policy for a domain's MX hosts; for routed mail, one
+    per host, as Postfix looks up each next hop (``[relay-a]`` and ``[relay-b]`` may
+    differ).
+
+    :raises PolicyLookupError: a plugin failed.
+    """
+    if not routed:
+        policy = await find_policy(server, domain, hosts, routed=False, message=message)
+        return [Route(host, policy, domain) for host in hosts]
+    return [Route(host, await find_policy(server, domain, [host], routed=True,
+                                          message=message), host.hostname.strip("[]"))
+            for host in hosts]

@@ -126,13 +126,16 @@ class TlsaLookup:
     :param records: The usable records; empty when the MX has none (or none secure).
     :param base_domain: The TLSA base domain (the MX host, CNAME-expanded): the SNI name
         and the RFC 8460 policy domain.
-    :param failure: The lookup itself failed (bogus DNSSEC, only unusable records): that
-        MX cannot be used now, at ``dane`` as at ``dane-only``.
+    :param failure: The lookup itself failed (bogus DNSSEC): that MX cannot be used now,
+        at ``dane`` as at ``dane-only``.
+    :param unusable: Secure TLSA records exist but none is usable (unknown usage or
+        algorithm): RFC 7672 2.2 still demands TLS, without authentication.
     """
 
     records: tuple[TlsaRecord, ...] = ()
     base_domain: str = ""
     failure: Failure | None = None
+    unusable: bool = False
 
 
 class DaneAuthority(Protocol):
