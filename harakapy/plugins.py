@@ -246,10 +246,19 @@ class PluginManager:
         answer, _plugin = await self.call_first_named(hook, **kwargs)
         return answer
 
-    async def call_first_named(self, hook: str, **kwargs: object) -> tuple[Any, str]:
-        """:meth:`call_first`, also naming the plugin that answered (empty for none)."""
+    async def call_first_named(self, hook: str, *, after: str = "",
+                               **kwargs: object) -> tuple[Any, str]:
+        """:meth:`call_first`, also naming the plugin that answered (empty for none).
+
+        :param after: Ask only the plugins listed after this one: what the rest would
+            say, for a plugin that strengthens their answer.
+        """
         expected = _ANSWER_TYPES.get(hook, (Result,))
-        for impl in self.implementations(hook):
+        impls = self.implementations(hook)
+        if after:
+            names = [impl.plugin_name for impl in impls]
+            impls = impls[names.index(after) + 1:] if after in names else impls
+        for impl in impls:
             try:
                 answer = await self._run(impl, kwargs)
             except Exception:  # not BaseException: cancellation must pass through

@@ -34,6 +34,7 @@ class ReceivingMTA:
     :param cert: ``(cert_path, key_path)`` to offer STARTTLS.
     :param tls_context: a server context to offer STARTTLS with (instead of ``cert``).
     :param extensions: extra EHLO keywords; ``drop`` removes keywords (e.g. ``8BITMIME``).
+    :param mail_params: MAIL FROM parameters to accept beyond aiosmtpd's (``REQUIRETLS``).
     """
 
     host: str
@@ -44,6 +45,7 @@ class ReceivingMTA:
     tls_context: ssl.SSLContext | None = None
     extensions: tuple[str, ...] = ("PIPELINING",)
     drop: tuple[str, ...] = ()
+    mail_params: tuple[str, ...] = ()
     smtputf8: bool = True
     lmtp: bool = False
     lmtp_reply: Callable[[str], str | None] = lambda address: None
@@ -101,11 +103,18 @@ class ReceivingMTA:
                     session.peer[0]))
                 return "250 2.0.0 Ok: stored"
 
+        class Accepting(LMTP if mta.lmtp else SMTP):
+            def _getparams(self, params):
+                found = super()._getparams(params)
+                for name in mta.mail_params:
+                    if found is not None:
+                        found.pop(name, None)
+                return found
+
         def factory() -> SMTP:
             mta.connections += 1
-            kind = LMTP if mta.lmtp else SMTP
-            return kind(Handler(), tls_context=context, enable_SMTPUTF8=mta.smtputf8,
-                        hostname=f"mx-{mta.host}", ident="test")
+            return Accepting(Handler(), tls_context=context, enable_SMTPUTF8=mta.smtputf8,
+                             hostname=f"mx-{mta.host}", ident="test")
 
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(factory, self.host, self.port,

@@ -883,3 +883,49 @@ async def test_each_routed_next_hop_has_its_own_policy(make_env):
     await eventually(lambda: smarthost.messages)
     (result,) = env.captured("tls_result")
     assert result.level == "secure" and result.domain == "mx.good.test"
+
+
+
+# -- a policy that strengthens the others' answer (what the REQUIRETLS plugin will do) ----
+
+REQUIRETLS_STUB = '''
+from dataclasses import replace
+
+from harakapy import hookimpl
+from harakapy.outbound.tls_policy import find_policy
+from harakapy.tls.policy import Level
+
+
+@hookimpl
+async def tls_policy(domain, hosts, routed, message, server):
+    if message is None or not message.sender.startswith("secret"):
+        return None
+    base = await find_policy(server, domain, hosts, routed=routed, message=message,
+                             after="requiretls_stub")
+    level = base.level if base.level in (Level.VERIFY, Level.SECURE) else Level.VERIFY
+    return replace(base, level=level, required_extensions=("REQUIRETLS",),
+                   mail_parameters=("REQUIRETLS",), reason="REQUIRETLS over " + base.reason)
+'''
+
+
+@pytest.mark.parametrize(("offers", "delivered"), [(True, True), (False, False)])
+async def test_a_strengthening_plugin_adds_a_required_extension_and_mail_parameter(
+        make_env, offers, delivered):
+    env = await make_env("good.test may\n", plugins="requiretls_stub\ntls_require\n",
+                         plugin_files={"requiretls_stub": REQUIRETLS_STUB})
+    cert = env.certs.files("good", "mx.good.test")
+    mx = await env.mta("127.0.0.12", cert=cert, mail_params=("REQUIRETLS",),
+                       extensions=("PIPELINING", "REQUIRETLS") if offers else ("PIPELINING",))
+    await sendmail(env.hp.port, "secret@sender.test", ["bob@good.test"], BODY)
+    if delivered:
+        await eventually(lambda: mx.messages)
+        assert "REQUIRETLS" in mx.messages[0].mail_options and mx.messages[0].tls
+        (result,) = env.captured("tls_result")
+        assert result.level == "verify" and result.decided_by == "requiretls_stub"
+    else:
+        await eventually(lambda: env.captured("deferred"))
+        assert mx.messages == [] and not any(c.startswith("MAIL") for c in mx.commands)
+        assert env.failures()[0].failure.code == "requiretls-not-offered"
+    # Other mail to the same domain keeps the table's policy.
+    await env.send("carol@good.test")
+    await eventually(lambda: any(m.recipients == ["carol@good.test"] for m in mx.messages))

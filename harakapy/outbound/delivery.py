@@ -255,6 +255,8 @@ class Delivery:
             params.append("BODY=8BITMIME")
         if smtputf8:
             params.append("SMTPUTF8")
+        if session.ssl_object is not None:  # never on a session that is not protected
+            params += plan.policy.mail_parameters
         try:
             result = await session.send(sender, recipients, message, mail_params=params)
         except SessionError as exc:

@@ -247,6 +247,12 @@ class Negotiator:
         if failure is not None:
             await self._fail(plan, failure, session)  # raises when enforced
         await session.ehlo(session.ehlo_name)  # RFC 3207 4.2: forget what was said before
+        missing = [e for e in plan.policy.required_extensions if not session.supports(e)]
+        if missing and failure is None:
+            failure = Failure(ResultType.VALIDATION_FAILURE,
+                              f"the server does not offer {', '.join(missing)} after "
+                              f"STARTTLS", f"{missing[0].lower()}-not-offered")
+            await self._fail(plan, failure, session, required=True)
         if failure is None:
             await self._report(plan, None, session)
         return session

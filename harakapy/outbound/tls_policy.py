@@ -43,14 +43,17 @@ def tls_settings(server: Server) -> TlsSettings:
 
 
 async def find_policy(server: Server, domain: str, hosts: list[MxHost], *, routed: bool,
-                      message: QueuedMessage | None = None) -> Policy:
+                      message: QueuedMessage | None = None, after: str = "") -> Policy:
     """The policy for ``domain``, with ``decided_by`` naming the plugin that chose it.
 
+    :param after: Ask only the plugins after this one in ``config/plugins``: a plugin
+        that makes the policy stricter for some messages (REQUIRETLS) asks what the
+        others decide, then answers with more.
     :raises PolicyLookupError: a plugin failed (the log has its traceback).
     """
     answer, plugin = await server.plugins.call_first_named(
-        "tls_policy", domain=domain, hosts=hosts, routed=routed, message=message,
-        server=server)
+        "tls_policy", after=after, domain=domain, hosts=hosts, routed=routed,
+        message=message, server=server)
     if isinstance(answer, Result):
         raise PolicyLookupError(f"the TLS policy for {domain} could not be determined "
                                 f"(plugin {plugin} failed)")

@@ -172,6 +172,10 @@ class Policy:
         ``report`` mode): failures reach ``tls_result`` and mail goes on as at ``may``.
     :param dane: The DANE authority, at ``dane`` and ``dane-only``.
     :param servername: SNI to send; empty means the MX host name.
+    :param required_extensions: EHLO keywords the server must list after STARTTLS, or it
+        fails the policy like a bad certificate (``REQUIRETLS``, RFC 8689).
+    :param mail_parameters: Parameters to send on ``MAIL FROM`` under this policy
+        (``REQUIRETLS``).
     :param source: For RFC 8460 reports.
     :param reason: Why this policy: a file and line, a DNS record. Shown by
         ``harakapy tls-policy``.
@@ -188,6 +192,8 @@ class Policy:
     enforce: bool = True
     dane: DaneAuthority | None = field(default=None, compare=False)
     servername: str = ""
+    required_extensions: tuple[str, ...] = ()
+    mail_parameters: tuple[str, ...] = ()
     source: PolicySource = PolicySource()
     reason: str = field(default="", compare=False)
     decided_by: str = field(default="", compare=False)
@@ -207,7 +213,8 @@ class Policy:
         uses_nexthop = any(m in ("nexthop", "dot-nexthop") for m in self.match_names)
         return (self.level.value, self.match_names, self.pins, self.min_protocol,
                 self.max_protocol, self.ciphers, self.mx_patterns, self.enforce,
-                id(self.dane), self.servername, nexthop if uses_nexthop else "")
+                id(self.dane), self.servername, self.required_extensions,
+                nexthop if uses_nexthop else "")
 
     def with_decider(self, plugin: str) -> Policy:
         return replace(self, decided_by=plugin)
