@@ -418,3 +418,41 @@ async def test_hosts_without_addresses_bounce(env):
     await env.send(["x@noaddr.test"])
     await eventually(lambda: sender_mx.messages)
     assert "Status: 5.4.4" in sender_mx.messages[0].data.decode()
+
+
+def journals(env) -> int:
+    return len(list((env.hp.root / "queue" / "log").glob("*")))
+
+
+async def test_a_destination_no_host_answers_is_suspended_until_its_retry(env):
+    # As Postfix's "delivery temporarily suspended": once neither MX of dest.test
+    # answers, later mail for it waits for that retry instead of knocking again.
+    await env.send(["a@dest.test"])
+    await eventually(env.deferral_recorded)
+    assert env.hp.server.outbound.stats()["suspended"] == ["dest.test"]
+    await env.send(["b@dest.test"])
+    await env.send(["c@dest.test"])
+    await asyncio.sleep(0.3)  # connection refused is immediate: an attempt would show
+    assert journals(env) == 1 and len(env.spooled()) == 3
+    mx1 = await env.mta("127.0.0.2")
+    await env.advance(61)
+    await eventually(lambda: len(mx1.messages) == 3)
+    assert env.hp.server.outbound.stats()["suspended"] == []
+
+
+async def test_flush_lifts_a_suspension(env):
+    await env.send(["a@dest.test"])
+    await eventually(env.deferral_recorded)
+    await env.send(["b@dest.test"])
+    mx1 = await env.mta("127.0.0.2")
+    env.hp.server.outbound.flush()
+    await eventually(lambda: len(mx1.messages) == 2)
+
+
+async def test_a_destination_that_answers_is_not_suspended(env):
+    mx1 = await env.mta("127.0.0.2", rcpt_reply=lambda address: "451 4.3.0 try later")
+    await env.send(["a@dest.test"])
+    await eventually(env.deferral_recorded)
+    await env.send(["b@dest.test"])
+    await eventually(lambda: mx1.connections >= 2 or len(mx1.commands) >= 2)
+    assert env.hp.server.outbound.stats()["suspended"] == []

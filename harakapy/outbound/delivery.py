@@ -46,6 +46,13 @@ class Outcome:
     results: list[RecipientResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     tls_status: str = ""
+    contacted: bool = False  # some host answered (greeted, or refused us politely)
+    tried: bool = False  # some connection was attempted
+
+    @property
+    def unreachable(self) -> bool:
+        """Connections were tried and none got an answer: the destination is down."""
+        return self.tried and not self.contacted and not self.results
 
 
 def _enhanced(reply: Reply, default: str) -> str:
@@ -231,16 +238,20 @@ class Delivery:
         cannot carry the message."""
         host = plan.host
         where = f"{host.hostname}[{ip}]:{host.port}"
+        outcome.tried = True
         try:
             session, key, pooled = await self.open_session(plan, ip, reuse=not fresh)
         except TlsFailure as exc:
             outcome.errors.append(f"{where}: {exc.status} {exc.reason}")
             outcome.tls_status = exc.status
+            outcome.contacted = True
             return "failed"
         except SessionError as exc:
             outcome.errors.append(f"{where}: {exc.reason}")
+            outcome.contacted |= exc.stage != "connect"
             log.info("host %s unusable: %s", where, exc.reason)
             return "failed"
+        outcome.contacted = True
         refusal = self._cannot_carry(session, message, smtputf8=smtputf8,
                                      eight_bit=eight_bit)
         if refusal is not None:

@@ -77,6 +77,9 @@ class OutboundQueue:
         self._jobs: dict[tuple[str, str], Job] = {}
         self._open_domains: dict[str, set[str]] = {}  # message id -> domains not done
         self._waiting: dict[str, list[Job]] = {}
+        # Destinations none of whose hosts answered: until when their other jobs wait
+        # without an attempt (Postfix's "delivery temporarily suspended").
+        self._suspended: dict[str, float] = {}
         self._active_domains: dict[str, int] = {}
         self._active = 0
         self._running: set[tuple[str, str]] = set()
@@ -219,6 +222,7 @@ class OutboundQueue:
                 continue  # being delivered right now; a second attempt would send twice
             if (message_id is None or mid == message_id) and not job.cancelled and \
                     job.due > 0:
+                self._suspended.pop(domain, None)
                 self._schedule(mid, domain, 0.0)
                 count += 1
         return count
@@ -238,8 +242,10 @@ class OutboundQueue:
         return found
 
     def stats(self) -> dict[str, Any]:
+        now = self.clock.time()
         return {"jobs": len(self._jobs), "active": self._active,
-                "messages": len(self._open_domains)}
+                "messages": len(self._open_domains),
+                "suspended": sorted(d for d, until in self._suspended.items() if until > now)}
 
     # -- the runner -----------------------------------------------------------------------
 
@@ -263,6 +269,11 @@ class OutboundQueue:
                 self._active < settings.concurrency:
             _, _, job = heapq.heappop(self._heap)
             if job.cancelled:
+                continue
+            until = self._suspended.get(job.domain)
+            if until is not None and until > now and (job.message_id, job.domain) \
+                    not in self._running:
+                self._schedule(job.message_id, job.domain, until)
                 continue
             if self._active_domains.get(job.domain, 0) >= settings.domain_concurrency:
                 self._waiting.setdefault(job.domain, []).append(job)
@@ -346,6 +357,12 @@ class OutboundQueue:
         outcome = await self.delivery.attempt(
             routes, message.sender, [message.recipients[i].address for i in indexes], body,
             smtputf8=message.smtputf8)
+        if outcome.unreachable:
+            # No host answered: other mail for the domain would only knock on the same
+            # closed doors. It waits for this message's retry (Postfix does the same).
+            self._suspended[job.domain] = self.clock.time() + settings.min_backoff
+        elif outcome.contacted:
+            self._suspended.pop(job.domain, None)
         # attempt() numbers results by position in the list it was given.
         for result in outcome.results:
             result.index = indexes[result.index]
