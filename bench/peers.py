@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -47,13 +48,23 @@ RETIRED = ".retired"  # earlier instances, deleted when a run ends (see _instanc
 CLOSED = ("127.0.0.1", 1)  # tcpmux: nothing listens here, connections are refused
 
 
+@dataclass(frozen=True)
+class Verify:
+    """Relay at level ``verify``: trust only ``ca_file``; the sink's certificate carries
+    ``name`` (the route is an address, so that name is the one to match)."""
+
+    ca_file: Path
+    name: str
+
+
 class Peer(Protocol):
     name: str
+    verifies: bool  # can be told to verify the sink's certificate
 
     def install(self) -> None: ...
 
     def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path) -> None: ...
+              workdir: Path, verify: Verify | None = None) -> None: ...
 
     def pids(self) -> list[int]: ...
 
@@ -216,8 +227,11 @@ class _Child:
 class HarakapyPeer(_Child):
     name = "harakapy"
 
+    verifies = True
+
     def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path, prepare: Callable[[Path], None] | None = None) -> None:
+              workdir: Path, verify: Verify | None = None,
+              prepare: Callable[[Path], None] | None = None) -> None:
         """As :class:`Peer`; ``prepare(home)`` runs before launch (to preload a spool)."""
         # Outbound STARTTLS is always opportunistic in harakapy (no switch): with a sink
         # that offers none, starttls_out=False is the same thing.
@@ -229,9 +243,16 @@ class HarakapyPeer(_Child):
         cert, key = _write_cert(config, "bench-harakapy.test")
         (config / "me").write_text("bench-harakapy.test\n")
         (config / "smtp.ini").write_text(f"[main]\nlisten = 127.0.0.1:{port}\n")
-        (config / "tls.ini").write_text(f"[main]\nkey = {key}\ncert = {cert}\n")
+        tls_ini = f"[main]\nkey = {key}\ncert = {cert}\n"
+        plugins = "tls\nrelay\nbench_route\n"
+        if verify is not None:
+            tls_ini += f"[outbound]\nca_file = {verify.ca_file}\n"
+            (config / "tls_policy").write_text(
+                f"[{route[0]}]:{route[1]} verify match={verify.name}\n")
+            plugins += "tls_require\n"
+        (config / "tls.ini").write_text(tls_ini)
         (config / "relay_acl_allow").write_text("127.0.0.0/8\n")
-        (config / "plugins").write_text("tls\nrelay\nbench_route\n")
+        (config / "plugins").write_text(plugins)
         (home / "plugins" / "bench_route.py").write_text(
             '"""Benchmark routing: every domain to the sink (or a closed port)."""\n\n'
             "from harakapy import hookimpl\n\n\n"
@@ -246,6 +267,7 @@ class HarakapyPeer(_Child):
 
 class HarakaPeer(_Child):
     name = "haraka"
+    verifies = False  # its outbound TLS checks are not set up here
 
     def install(self) -> None:
         if not (HARAKA_DIR / "node_modules" / ".bin" / "haraka").exists():
@@ -294,6 +316,7 @@ class HarakaPeer(_Child):
 
 class PostfixPeer:
     name = "postfix"
+    verifies = True
 
     def __init__(self) -> None:
         self.conf: Path | None = None
@@ -311,7 +334,7 @@ class PostfixPeer:
         stop_system_postfix()
 
     def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path) -> None:
+              workdir: Path, verify: Verify | None = None) -> None:
         route = relay_to or CLOSED
         _check_closed(route)
         if not _port_free(port):
@@ -328,7 +351,10 @@ class PostfixPeer:
         values = {"home": home, "queue": home / "queue", "data": home / "data",
                   "maillog": home / "postfix.log", "relay_host": route[0],
                   "relay_port": route[1], "cert": cert, "key": key,
-                  "tls_out": "may" if starttls_out else "none"}
+                  "tls_out": "verify" if verify else "may" if starttls_out else "none",
+                  "tls_verify": (f"smtp_tls_CAfile = {verify.ca_file}\n"
+                                 f"smtp_tls_verify_cert_match = {verify.name}")
+                  if verify else ""}
         main = (TEMPLATES / "postfix-main.cf").read_text()
         (conf / "main.cf").write_text(main.format(**values))
         master = (TEMPLATES / "postfix-master.cf").read_text()

@@ -25,9 +25,11 @@ from pathlib import Path
 
 from bench.loadgen import make_message, run_load
 from bench.measure import PeakRss, cpu_seconds, rss_bytes
+from bench.peers import Verify
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+SINK_NAME = "sink.bench.test"
 
 
 def free_port() -> int:
@@ -52,13 +54,15 @@ class Row:
 class Sink:
     """bench/sink.py in its own process."""
 
-    def __init__(self, workdir: Path, *, tls: bool) -> None:
+    def __init__(self, workdir: Path, *, tls: bool,
+                 cert: tuple[Path, Path] | None = None) -> None:
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         self.status = workdir / f"sink-{self.port}.json"
+        given = ["--cert", str(cert[0]), "--key", str(cert[1])] if cert else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.sink", "--port", str(self.port), "--status",
-             str(self.status), *(["--tls"] if tls else [])], cwd=ROOT.parent)
+             str(self.status), *(["--tls"] if tls else []), *given], cwd=ROOT.parent)
         deadline = time.monotonic() + 20
         while not self.status.exists():
             if time.monotonic() > deadline:
@@ -98,11 +102,27 @@ def inbound(peer, workdir: Path, *, connections: int, messages: int, size: int) 
             "peak_pss_mb": round(rss.peak / 2**20, 1), "errors": result.errors}
 
 
+def sink_certificate(workdir: Path) -> tuple[Verify, tuple[Path, Path]]:
+    """A CA and a certificate from it for the sink, as a relay at ``verify`` needs."""
+    import trustme  # a test extra: the benchmark runs from the development install
+
+    ca = trustme.CA()
+    issued = ca.issue_cert(SINK_NAME)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = workdir / "sink-ca.pem", workdir / "sink-cert.pem", workdir / "sink-key.pem"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    issued.cert_chain_pems[0].write_to_path(str(paths[1]))
+    issued.private_key_pem.write_to_path(str(paths[2]))
+    return Verify(paths[0], SINK_NAME), (paths[1], paths[2])
+
+
 def relay(peer, workdir: Path, *, total: int, connections: int, tls: bool,
-          size: int = 5000) -> dict:
-    sink = Sink(workdir, tls=tls)
+          size: int = 5000, verify: bool = False) -> dict:
+    check, cert = sink_certificate(workdir) if verify else (None, None)
+    sink = Sink(workdir, tls=tls, cert=cert)
     port = free_port()
-    peer.start(port=port, relay_to=("127.0.0.1", sink.port), starttls_out=tls, workdir=workdir)
+    peer.start(port=port, relay_to=("127.0.0.1", sink.port), starttls_out=tls, workdir=workdir,
+               **({"verify": check} if verify else {}))
     try:
         rate, count, accepted = relay_through(port, sink, total=total,
                                               connections=connections, size=size)
@@ -277,6 +297,10 @@ def run_peer(name: str, peer, workdir: Path, scenarios: list[str], scale: float,
             label = f"relay {total} msgs {'STARTTLS' if tls else 'plaintext'}"
             put(label, relay(peer, workdir / name, total=total, connections=50, tls=tls),
                 name)
+        if peer.verifies:  # the policy engine's cost: chain and name checked per session
+            put(f"relay {total} msgs STARTTLS verify",
+                relay(peer, workdir / name, total=total, connections=50, tls=True,
+                      verify=True), name)
     if "idle" in scenarios:
         put("1000 idle connections", idle_connections(peer, workdir / name), name)
     if "queued" in scenarios and name == "harakapy":

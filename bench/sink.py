@@ -1,6 +1,7 @@
 """Receiving sink for relay benchmarks: accepts every message, counts them.
 
-Plaintext, or STARTTLS with a throwaway self-signed certificate (``--tls``). Every 0.1 s
+Plaintext, or STARTTLS with a throwaway self-signed certificate (``--tls``), or with a
+given one (``--tls --cert C --key K``, for relays that verify it). Every 0.1 s
 it writes ``{"count": N, "first": t0, "last": t1}`` to ``--status`` so the benchmark
 runner can see end-to-end delivery without talking to it.
 
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import time
 
 from aiosmtpd.smtp import SMTP
@@ -35,9 +37,13 @@ class Counter:
         return "250 2.0.0 Ok: sunk"
 
 
-async def serve(port: int, tls: bool, status: str, host: str = "127.0.0.1") -> None:
+async def serve(port: int, tls: bool, status: str, host: str = "127.0.0.1",
+                cert: str | None = None, key: str | None = None) -> None:
     counter = Counter()
     context = self_signed_context("sink.test") if tls else None
+    if tls and cert and key:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(counter, tls_context=context, hostname="sink.test", ident="sink",
@@ -62,12 +68,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--cert", help="PEM certificate chain for --tls")
+    parser.add_argument("--key", help="PEM key for --cert")
     parser.add_argument("--status", required=True)
     args = parser.parse_args()
     import logging
 
     logging.getLogger("mail.log").setLevel(logging.ERROR)
-    asyncio.run(serve(args.port, args.tls, args.status, args.host))
+    asyncio.run(serve(args.port, args.tls, args.status, args.host, args.cert, args.key))
 
 
 if __name__ == "__main__":

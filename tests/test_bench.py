@@ -17,6 +17,7 @@ def test_quick_benchmark_writes_a_table(tmp_path, monkeypatch):
     table = path.read_text()
     assert "| inbound c=50 5KB | msgs_per_s |" in table
     assert "| relay 500 msgs STARTTLS | delivered_per_s |" in table
+    assert "| relay 500 msgs STARTTLS verify | delivered_per_s |" in table
     for line in table.splitlines():
         if line.startswith("| relay") and "delivered |" in line:
             assert line.split("|")[3].strip() == "500"  # every message reached the sink
