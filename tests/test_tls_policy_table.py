@@ -133,13 +133,13 @@ def test_exclusion_list_protocols_and_cipher_grade(table):
     got = policy(table, "legacy.example")
     assert got.level is Level.MAY
     # "!SSLv2:!SSLv3:!TLSv1" is old Postfix boilerplate: it leaves the floor to
-    # [outbound] min_protocol rather than lowering it to TLS 1.1.
+    # [outbound] min_version rather than lowering it to TLS 1.1.
     assert (got.min_protocol, got.max_protocol) == (None, None)
     assert got.ciphers == CIPHER_GRADES["medium"]
 
 
 @pytest.mark.parametrize(("value", "low"), [
-    ("!SSLv2:!SSLv3", None),  # would be TLS 1.0: left to min_protocol
+    ("!SSLv2:!SSLv3", None),  # would be TLS 1.0: left to min_version
     ("!SSLv2:!SSLv3:!TLSv1:!TLSv1.1", V.TLSv1_2),  # at or above the floor: kept
     (">=TLSv1", V.TLSv1),  # said on purpose: kept
 ])

@@ -105,7 +105,7 @@ class Negotiator:
     def context(self, plan: HostPlan) -> ssl.SSLContext:
         policy, level = plan.policy, plan.level
         opportunistic = not plan.requires_tls
-        low = policy.min_protocol or (None if opportunistic else self.settings.min_protocol)
+        low = policy.min_protocol or (None if opportunistic else self.settings.min_version)
         ciphers = policy.ciphers or ("" if opportunistic else self.settings.ciphers)
         key = (level.verifies_chain, opportunistic, low, policy.max_protocol, ciphers)
         context = self._contexts.get(key)

@@ -162,7 +162,7 @@ class Policy:
         ``dot-nexthop`` (its subdomains), a name, or ``.name`` for its subdomains. Empty
         means Postfix's default for the level.
     :param pins: Digests for ``fingerprint`` (any one matching is enough).
-    :param min_protocol: Lowest TLS version; ``None`` means ``[outbound] min_protocol``
+    :param min_protocol: Lowest TLS version; ``None`` means ``[outbound] min_version``
         at the levels that require TLS, and anything at ``may``.
     :param max_protocol: Highest TLS version, ``None`` for no limit.
     :param ciphers: OpenSSL cipher list for TLS 1.2 and below; empty for the default.

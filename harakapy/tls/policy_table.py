@@ -172,7 +172,7 @@ def _parse_policy(path: Path, line: int, fields: list[str], *, reason: str) -> P
             if "!" in value and ">=" not in value and low is not None \
                     and low < ssl.TLSVersion.TLSv1_2:
                 # Old tables carry "!SSLv2:!SSLv3" as boilerplate. Copied here, it must
-                # not lower [outbound] min_protocol; ">=TLSv1" says so on purpose.
+                # not lower [outbound] min_version; ">=TLSv1" says so on purpose.
                 low = None
         elif name == "ciphers":
             ciphers = value

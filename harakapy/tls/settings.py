@@ -14,13 +14,13 @@ from harakapy.tls.policy import Level, cipher_list
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
     """:param default_level: The level when no plugin answers ``tls_policy``.
-    :param min_protocol: Lowest protocol at the levels that require TLS.
+    :param min_version: Lowest protocol at the levels that require TLS.
     :param ciphers: OpenSSL cipher list at the levels that require TLS ("" = default).
     :param ca_file: The CAs that ``verify``/``secure`` trust; ``None`` for the system's.
     """
 
     default_level: Level
-    min_protocol: ssl.TLSVersion
+    min_version: ssl.TLSVersion
     ciphers: str
     ca_file: Path | None
 
@@ -40,9 +40,9 @@ class TlsSettings:
                             f"{level} needs per-destination data (pins, TLSA records): set "
                             f"it per domain with a plugin (tls_require, tls_pin, dane)")
         try:
-            min_protocol = parse_version(ini.get_str("outbound", "min_protocol", "TLSv1.2"))
+            min_version = parse_version(ini.get_str("outbound", "min_version", "TLSv1.2"))
         except ValueError as exc:
-            raise ini.error("outbound", "min_protocol", str(exc)) from None
+            raise ini.error("outbound", "min_version", str(exc)) from None
         ciphers = ini.get_str("outbound", "ciphers")
         if ciphers:
             try:
@@ -57,4 +57,4 @@ class TlsSettings:
             except (OSError, ssl.SSLError) as exc:
                 raise ini.error("outbound", "ca_file",
                                 f"cannot load CA certificates from {ca_file}: {exc}") from None
-        return cls(default_level, min_protocol, ciphers, ca_file)
+        return cls(default_level, min_version, ciphers, ca_file)
