@@ -235,7 +235,7 @@ def format_text(result: Diagnosis) -> str:
         if probe.starttls_offered is not None:
             lines.append(f"  STARTTLS:    {'offered' if probe.starttls_offered else 'NOT offered'}")
         if probe.tls_version:
-            lines.append(f"  TLS:         {probe.tls_version} {probe.cipher}")
+            lines.append(f"  TLS:         {probe.tls_version} {probe.cipher}".rstrip())
         cert = probe.certificate
         if cert is not None:
             lines += [f"  certificate: {cert.subject or '(empty subject)'}",
