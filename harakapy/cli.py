@@ -36,13 +36,13 @@ def _run_loop(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harakapy.server import ListenError, Server
+    from harakapy.server import ListenError, MailServer
 
     logs.setup(args.log_format, args.log_level)
     root = Path(args.config_dir) if args.config_dir else None
 
     async def main() -> None:
-        server = Server.from_directory(root)
+        server = MailServer.from_directory(root)
         await server.start()
         await server.serve()
 
@@ -97,7 +97,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from harakapy.config import Config
     from harakapy.outbound import control
     from harakapy.spool import report
-    from harakapy.spool.store import Spool, SpoolError
+    from harakapy.spool.store import JournalEvent, Spool, SpoolError
 
     try:
         config = Config.load(Path(args.config_dir) if args.config_dir else None)
@@ -135,7 +135,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             if answer is None:
                 ids = [message_id] if message_id else list(spool.ids())
                 for one in ids:
-                    spool.record(one, {"flush": True})
+                    spool.record(one, JournalEvent(flush=True))
                 print(f"no server running: {len(ids)} message(s) will be tried at its start")
             else:
                 print(f"retrying {answer.get('count', 0)} delivery job(s) now")
@@ -160,18 +160,18 @@ def cmd_tls_policy(args: argparse.Namespace) -> int:
 
     from harakapy.outbound.diagnose import diagnose, format_text
     from harakapy.outbound.tls_policy import PolicyLookupError
-    from harakapy.server import Server
+    from harakapy.server import MailServer
 
     logs.setup("text", "warning")
     root = Path(args.config_dir) if args.config_dir else None
 
     async def main() -> str:
-        server = Server.from_directory(root)
+        server = MailServer.from_directory(root)
         await server.prepare()
         try:
             result = await diagnose(server, args.domain, probe=args.probe)
         finally:
-            await server.plugins.call_all("shutdown", server=server)
+            await server.plugins.call_all("shutdown")
         return json.dumps(result.as_dict(), indent=1) if args.json else format_text(result)
 
     try:

@@ -325,6 +325,16 @@ class Config:
 
         return platformdirs.user_state_path("harakapy") / "queue"
 
+    def state_dir(self) -> Path:
+        """``DIR/state``: durable data that is not mail (each plugin's own folder, the
+        background-task lock); on the shipped defaults alone, ``state/`` in the user's
+        state directory."""
+        if self.root is not None:
+            return self.root / "state"
+        import platformdirs
+
+        return platformdirs.user_state_path("harakapy") / "state"
+
     def plugins_dir(self) -> Path | None:
         return self.root / "plugins" if self.root is not None else None
 

@@ -25,7 +25,7 @@ def _strip_scheme(stored: str) -> str:
     return stored
 
 
-def is_hash(stored: str) -> bool:
+def is_password_hash(stored: str) -> bool:
     """Whether ``stored`` looks like a hash we can check (and so is not a plaintext password)."""
     return _strip_scheme(stored).startswith(("$argon2id$", "$argon2i$"))
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -29,28 +29,39 @@ from harakapy import hookspecs, shipped
 from harakapy.config import Config, ConfigError, Entry
 from harakapy.outbound.mx import MxHost
 from harakapy.results import Result, denysoft
+from harakapy.tasks import BackgroundTask, tasks_of
 from harakapy.tls.policy import Policy
+from harakapy.view import Core, Server
+
+if TYPE_CHECKING:
+    from harakapy.dispatch import HookCaller
 
 log = logging.getLogger("harakapy.plugins")
 
 hookimpl = pluggy.HookimplMarker("harakapy")
 
 
-def checked_config(key: str, build: Callable[[Config], object]) -> tuple[Callable, Callable]:
+def checked_config(key: str, build: Callable[[Config], object]
+                   ) -> tuple[Callable[[Server], None], Callable[[Server], None]]:
     """A plugin's ``startup`` and ``config_reload`` hooks that build its parsed settings
     (``config.derive(key, build)``), so a mistake in them stops the start, or refuses the
     reload, naming the file and line::
 
         startup, config_reload = checked_config("relay.acl", load_acl)
+
+    Later, ``server.config.derive(key, build)`` returns the same object, built once per
+    config.
     """
 
-    def startup(server: Any) -> None:
+    def startup(server: Server) -> None:
         server.config.derive(key, build)
 
-    def config_reload(server: Any) -> None:
+    def config_reload(server: Server) -> None:
         server.config.derive(key, build)
 
     return hookimpl(startup), hookimpl(config_reload)
+
+
 ENTRY_POINT_GROUP = "harakapy.plugins"
 
 _NAME = re.compile(r"^[A-Za-z_][\w.\-]*(/[A-Za-z_][\w.\-]*)*$")
@@ -120,7 +131,23 @@ class PluginManager:
         self.plugins: list[LoadedPlugin] = []
         self.position: dict[str, int] = {}
         self.entries: dict[str, Entry] = {}
+        self.background: list[BackgroundTask] = []
         self._impls: dict[str, list[Any]] = {}
+        self._views: dict[str, Server] = {}
+
+    def bind(self, me: str, core: Core) -> None:
+        """Give each plugin its view of the server (``server`` in every hook)."""
+        hooks: HookCaller = self
+        self._views = {plugin.name: Server(plugin.name, self.config, me, hooks, core)
+                       for plugin in self.plugins}
+
+    def view(self, plugin_name: str) -> Server:
+        """The ``server`` that plugin gets."""
+        return self._views[plugin_name]
+
+    def background_tasks(self) -> list[tuple[BackgroundTask, Server]]:
+        """Every plugin's ``@background`` tasks, in plugin order, each with its view."""
+        return [(task, self._views[task.plugin]) for task in self.background]
 
     @classmethod
     def load(cls, config: Config, *, timeout: float = 30.0) -> PluginManager:
@@ -191,6 +218,7 @@ class PluginManager:
         self.position[plugin.name] = len(self.plugins)
         self.entries[plugin.name] = entry
         self.plugins.append(plugin)
+        self.background.extend(tasks_of(plugin.name, plugin.module))
 
     def _check(self) -> None:
         try:
@@ -230,7 +258,10 @@ class PluginManager:
         return bool(self.implementations(hook))
 
     async def _run(self, impl: Any, kwargs: dict[str, object]) -> object:
-        answer = impl.function(*(kwargs[arg] for arg in impl.argnames))
+        # ``server`` is each plugin's own view; callers never pass it.
+        view = self._views[impl.plugin_name]
+        answer = impl.function(*[view if arg == "server" else kwargs[arg]
+                                 for arg in impl.argnames])
         if inspect.isawaitable(answer):
             async with asyncio.timeout(self.timeout):
                 answer = await answer

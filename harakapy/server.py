@@ -2,14 +2,15 @@
 
 Owns start (check config, ``startup`` hook, listen), SIGHUP (load a new config and plugin
 set, let plugins refuse it, then swap), and SIGTERM (stop accepting, let transactions in
-flight finish within ``shutdown_grace``, exit). It owns every background task it starts.
-It does not speak SMTP (``inbound/protocol.py``) or read files (``config.py``).
+flight finish within ``shutdown_grace``, exit). It owns every background task it starts,
+the plugins' included (``tasks.py``). It is where the inbound and outbound halves are put
+together; it does not speak SMTP (``inbound/protocol.py``) or read files (``config.py``).
+Plugins never see it: they get their view (``view.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import signal
 import socket
@@ -22,14 +23,17 @@ from typing import Any
 from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError
 from harakapy.dns import Resolver
+from harakapy.inbound.connection import Transaction
 from harakapy.inbound.protocol import SmtpProtocol
 from harakapy.inbound.settings import InboundSettings, ListenAddress, check_me
 from harakapy.outbound import control
 from harakapy.outbound.queue import OutboundQueue
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
-from harakapy.spool.store import Spool, SpoolError
+from harakapy.spool.store import QueuedMessage, Spool, SpoolError
+from harakapy.tasks import TaskRunner
 from harakapy.tls.settings import TlsSettings
+from harakapy.view import Core
 
 log = logging.getLogger("harakapy.server")
 
@@ -49,7 +53,7 @@ class _State:
     tls_context: ssl.SSLContext | None = None
 
 
-def _build_state(config: Config) -> _State:
+def _build_state(config: Config, core: Core) -> _State:
     settings = InboundSettings.from_config(config)
     config.derive("tls.outbound", TlsSettings.from_config)  # checks all of tls.ini
     # Checked now so a bad value stops the start (or the reload) with file:line.
@@ -57,21 +61,23 @@ def _build_state(config: Config) -> _State:
     config.derive("outbound.resolver", Resolver.from_config)
     me = check_me(config) or socket.getfqdn()
     plugins = PluginManager.load(config, timeout=settings.plugin_timeout)
+    plugins.bind(me, core)
     return _State(config, settings, plugins, me)
 
 
-class Server:
-    """What plugins get as ``server``: ``config``, ``settings``, ``me``, ``notes``.
+class MailServer:
+    """The running server: listeners, connections, the outbound queue, plugins' tasks.
 
     :param config: A loaded config (see :meth:`Config.load`).
-    :param clock: Time for the queue's schedules (tests pass one they move).
+    :param clock: Time for the queue's schedules and plugins' tasks (tests pass one they
+        move).
     :raises ConfigError: when the config or a plugin is wrong.
     """
 
     def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
-        self._state = _build_state(config)
         self.clock = clock or Clock()
         self.notes: dict[str, Any] = {}
+        self._state = _build_state(config, self)
         self.connections: set[SmtpProtocol] = set()
         self.draining = False
         self.listeners: list[tuple[ListenAddress, asyncio.Server]] = []
@@ -80,12 +86,14 @@ class Server:
         self._reloading: asyncio.Lock | None = None
         self.outbound: OutboundQueue | None = None
         self._control: asyncio.Server | None = None
+        self.background = TaskRunner(self.clock, config.state_dir() / "background.lock")
+        self._serving = False
 
     @classmethod
-    def from_directory(cls, root: Path | None) -> Server:
+    def from_directory(cls, root: Path | None) -> MailServer:
         return cls(Config.load(root))
 
-    # -- what plugins see -------------------------------------------------------------
+    # -- what the halves and the plugins' views use -----------------------------------
 
     @property
     def config(self) -> Config:
@@ -109,17 +117,32 @@ class Server:
         """The inbound TLS context from the ``inbound_tls`` hook, if a plugin gave one."""
         return self._state.tls_context
 
-    def _staged(self, state: _State) -> Server:
-        # A view of this server with another state, for hooks that judge a new config
-        # before it takes over. It shares notes, connections and tasks.
-        view = copy.copy(self)
-        view._state = state
-        return view
+    @property
+    def queues_outbound(self) -> bool:
+        return self.outbound is not None
+
+    async def submit(self, sender: str, recipients: list[str],
+                     message: bytes) -> QueuedMessage:
+        """A message made here (a DSN, a report) into the outbound queue."""
+        if self.outbound is None:
+            raise SpoolError("the outbound queue is not running in this command")
+        return await self.outbound.submit(sender, recipients, message)
+
+    async def enqueue(self, transaction: Transaction) -> QueuedMessage:
+        """A received message into the outbound queue (durable when this returns)."""
+        if self.outbound is None:
+            raise SpoolError("the outbound queue is not running in this command")
+        assert transaction.message is not None
+        return await self.outbound.submit(
+            transaction.sender.address, [r.address for r in transaction.recipients],
+            transaction.message, id=transaction.id, smtputf8=transaction.smtputf8,
+            body_8bit=transaction.body_8bit, client=transaction.id)
 
     async def _prepare(self, state: _State, hook: str) -> _State:
-        view = self._staged(state)
-        await state.plugins.call_all(hook, raise_errors=True, server=view)
-        context = await state.plugins.call_first("inbound_tls", server=view)
+        # The plugins of ``state`` judge its config before it takes over: their views
+        # show that config.
+        await state.plugins.call_all(hook, raise_errors=True)
+        context = await state.plugins.call_first("inbound_tls")
         if context is not None and not isinstance(context, ssl.SSLContext):
             providers = [impl.plugin_name for impl in state.plugins.implementations(
                 "inbound_tls")]
@@ -151,6 +174,7 @@ class Server:
         """
         await self.prepare()
         await self._start_outbound()
+        await self.background.start(self.plugins.background_tasks())
         loop = asyncio.get_running_loop()
         for address in self.settings.listen:
             # No ssl= here even for implicit TLS: the protocol does the handshake with the
@@ -169,6 +193,7 @@ class Server:
             self.listeners.append((actual, listener))
             log.info("listening on %s%s", actual, " (implicit TLS)" if address.implicit_tls
                      else "")
+        self._serving = True
         log.info("harakapy ready as %s with plugins: %s", self.me,
                  ", ".join(p.name for p in self.plugins.plugins) or "none")
 
@@ -216,7 +241,7 @@ class Server:
         async with self._reloading:
             try:
                 config = Config.load(self.config.root)
-                state = await self._prepare(_build_state(config), "config_reload")
+                state = await self._prepare(_build_state(config, self), "config_reload")
             except ConfigError as exc:
                 log.error("config reload refused, still running the old config: %s", exc)
                 return False
@@ -229,6 +254,8 @@ class Server:
                 log.warning("listen addresses changed; they take effect after a restart")
             log.info("config reloaded; plugins: %s",
                      ", ".join(p.name for p in self.plugins.plugins) or "none")
+            if self._serving:  # not only prepared (harakapy tls-policy)
+                await self.background.start(self.plugins.background_tasks())
             return True
 
     def request_stop(self) -> None:
@@ -273,6 +300,7 @@ class Server:
             for protocol in list(self.connections):
                 protocol.abort()
             await asyncio.sleep(0)
+        await self.background.stop()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
         if self._control is not None:
@@ -281,5 +309,5 @@ class Server:
         if self.outbound is not None:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
             await self.outbound.stop(grace=remaining)
-        await self.plugins.call_all("shutdown", server=self)
+        await self.plugins.call_all("shutdown")
         log.info("stopped")

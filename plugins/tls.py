@@ -12,8 +12,14 @@ from __future__ import annotations
 import logging
 import ssl
 
-from harakapy import Config, ConfigError, hookimpl
-from harakapy.tls.context import parse_version, self_signed_context, server_context
+from harakapy import (
+    Config,
+    ConfigError,
+    hookimpl,
+    parse_tls_version,
+    self_signed_context,
+    server_context,
+)
 
 log = logging.getLogger("harakapy.plugin.tls")
 
@@ -21,7 +27,7 @@ log = logging.getLogger("harakapy.plugin.tls")
 def _context(config: Config, me: str) -> ssl.SSLContext:
     ini = config.ini("tls.ini")
     try:
-        min_version = parse_version(ini.get_str("main", "min_version", "TLSv1.2"))
+        min_version = parse_tls_version(ini.get_str("main", "min_version", "TLSv1.2"))
     except ValueError as exc:
         raise ini.error("main", "min_version", str(exc)) from None
     if min_version < ssl.TLSVersion.TLSv1_2:

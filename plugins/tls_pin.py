@@ -18,9 +18,7 @@ Settings: config/tls_pin.ini   Docs: docs/plugins/tls_pin.md
 
 from __future__ import annotations
 
-from harakapy import Config, checked_config, hookimpl
-from harakapy.tls.policy import Level, Pin, Policy
-from harakapy.tls.policy_table import lookup_keys
+from harakapy import Config, Level, Pin, Policy, checked_config, hookimpl, lookup_keys
 
 MODES = ("enforce", "report")
 

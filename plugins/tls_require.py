@@ -13,8 +13,7 @@ Settings: config/tls_policy   Docs: docs/plugins/tls_require.md
 
 from __future__ import annotations
 
-from harakapy import Config, checked_config, hookimpl
-from harakapy.tls.policy_table import PolicyTable
+from harakapy import Config, PolicyTable, checked_config, hookimpl
 
 
 def load_table(config: Config) -> PolicyTable:

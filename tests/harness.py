@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harakapy.clock import Clock
 from harakapy.config import Config
-from harakapy.server import Server
+from harakapy.server import MailServer
 
 # Every test server listens on an OS-chosen port: a fixed port flakes in parallel runs.
 DEFAULT_SMTP_INI = "[main]\nlisten = 127.0.0.1:0\n"
@@ -61,7 +61,7 @@ def write_config_dir(root: Path, files: dict[str, str] | None = None,
 
 @dataclass
 class Running:
-    server: Server
+    server: MailServer
     root: Path
     ports: list[int] = field(default_factory=list)
 
@@ -101,7 +101,7 @@ class ManualClock(Clock):
 
 @asynccontextmanager
 async def running_server(root: Path, *, clock: Clock | None = None) -> AsyncIterator[Running]:
-    server = Server(Config.load(root), clock=clock)
+    server = MailServer(Config.load(root), clock=clock)
     await server.start()
     running = Running(server, root, [address.port for address, _ in server.listeners])
     try:

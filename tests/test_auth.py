@@ -8,7 +8,7 @@ import pytest
 
 from harakapy.config import Config, ConfigError
 from harakapy.passwords import hash_password
-from harakapy.server import Server
+from harakapy.server import MailServer
 from tests.harness import CAPTURE_PLUGIN, RawClient, insecure_client_context, running_server
 
 
@@ -126,7 +126,7 @@ async def test_implicit_tls_listener_offers_auth(config_dir, alice_hash):
 async def test_plaintext_password_in_config_is_refused_with_its_line(config_dir):
     root = config_dir({"plugins": "auth/flat_file\n",
                        "auth_flat_file.ini": "[users]\n; comment\nbob = hunter2\n"})
-    server = Server(Config.load(root))
+    server = MailServer(Config.load(root))
     with pytest.raises(ConfigError) as error:
         await server.start()
     assert str(error.value).startswith(

@@ -23,7 +23,7 @@ from harakapy.cli import build_parser
 from harakapy.config import Config, ConfigError, IniFile
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
-from harakapy.server import Server
+from harakapy.server import MailServer
 from tests.harness import RawClient, eventually, running_server, sendmail, write_config_dir
 from tests.servers import ReceivingMTA
 from tests.test_outbound import free_port_on_all
@@ -263,7 +263,7 @@ async def test_example_plugin_bad_line_stops_start_with_file_and_line(tmp_path):
     root = write_config_dir(tmp_path / "bad", {
         "plugins": f"{name}\n", "blocked_recipients": "gone@example.com\n\npostmaster\n"},
         {name: source})
-    server = Server(Config.load(root))
+    server = MailServer(Config.load(root))
     with pytest.raises(ConfigError) as caught:
         await server.start()
     assert str(caught.value).endswith(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harakapy.config import Config, ConfigError
-from harakapy.server import Server
+from harakapy.server import MailServer
 from tests.harness import RawClient, running_server
 
 VERSIONED = '''
@@ -67,7 +67,7 @@ async def test_reload_imports_changed_plugin_files(config_dir):
 
 async def test_lifecycle_hooks_run_and_a_plugin_can_refuse_a_reload(config_dir):
     root = config_dir({"plugins": "life\n"}, {"life": LIFECYCLE})
-    server = Server(Config.load(root))
+    server = MailServer(Config.load(root))
     await server.start()
     client = await RawClient.connect(server.listeners[0][1].sockets[0].getsockname()[1])
     await client.reply()
@@ -84,7 +84,7 @@ async def test_lifecycle_hooks_run_and_a_plugin_can_refuse_a_reload(config_dir):
 
 async def test_plugin_can_refuse_to_start(config_dir):
     root = config_dir({"plugins": "life\n", "refuse_start": "yes\n"}, {"life": LIFECYCLE})
-    server = Server(Config.load(root))
+    server = MailServer(Config.load(root))
     with pytest.raises(ConfigError, match="refused at startup"):
         await server.start()
     assert server.listeners == []
@@ -93,7 +93,7 @@ async def test_plugin_can_refuse_to_start(config_dir):
 async def test_implicit_tls_without_a_tls_plugin_is_a_config_error(config_dir):
     root = config_dir({"plugins": "relay\n",
                        "smtp.ini": "listen = 127.0.0.1:0\nlisten_tls = 127.0.0.1:0\n"})
-    server = Server(Config.load(root))
+    server = MailServer(Config.load(root))
     with pytest.raises(ConfigError, match=r"smtp.ini:2: \[main\] listen_tls: implicit-TLS"):
         await server.start()
 
@@ -118,13 +118,13 @@ async def test_tls_plugin_config_errors_name_the_key(config_dir, tmp_path):
     root = config_dir({"plugins": "tls\n",
                        "tls.ini": f"[main]\nkey = {tmp_path}/missing.pem\ncert = c.pem\n"})
     with pytest.raises(ConfigError, match=r"tls.ini:3: \[main\] cert: no such file"):
-        await Server(Config.load(root)).start()
+        await MailServer(Config.load(root)).start()
     root = config_dir({"plugins": "tls\n", "tls.ini": "[main]\nmin_version = TLSv1.1\n"})
     with pytest.raises(ConfigError, match=r"tls.ini:2: \[main\] min_version: TLSv1.2 is"):
-        await Server(Config.load(root)).start()
+        await MailServer(Config.load(root)).start()
     root = config_dir({"plugins": "tls\n", "tls.ini": "[main]\nkey = k.pem\n"})
     with pytest.raises(ConfigError, match=r"tls.ini:2: \[main\] key: key and cert go together"):
-        await Server(Config.load(root)).start()
+        await MailServer(Config.load(root)).start()
     root = config_dir({"plugins": "tls\n", "tls.ini": "[main]\nciphers = NOTHING-AT-ALL\n"})
     with pytest.raises(ConfigError, match=r"\[main\] ciphers: OpenSSL selects no cipher"):
-        await Server(Config.load(root)).start()
+        await MailServer(Config.load(root)).start()

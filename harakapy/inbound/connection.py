@@ -6,22 +6,11 @@ protocol (``inbound/protocol.py``) fills them in; nothing here does I/O.
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from harakapy.inbound.address import Address
-
-_counter = itertools.count(1)
-_PREFIX = os.urandom(4).hex().upper()
-
-
-def new_id() -> str:
-    """A short id unique to this process run: it names connections in logs and messages in
-    ``queued as <id>`` replies."""
-    return f"{_PREFIX}{next(_counter):08X}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,21 +18,22 @@ import logging
 import ssl
 import time
 from base64 import b64decode
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr, login_always_fail
 
 from harakapy.inbound.address import Address, AddressError, parse_params, parse_path
-from harakapy.inbound.connection import Connection, TlsInfo, Transaction, new_id
+from harakapy.inbound.connection import Connection, TlsInfo, Transaction
 from harakapy.inbound.data import MAX_TEXT_LINE, TERMINATOR, decode, too_big
 from harakapy.inbound.received import count_received, received_header
 from harakapy.results import Action, Result, add_enhanced, format_reply, reply_for
-from harakapy.spool.store import SpoolError
+from harakapy.spool.store import SpoolError, new_id
 from harakapy.tls.context import describe
 
 if TYPE_CHECKING:
-    from harakapy.server import Server
+    from harakapy.dispatch import HookCaller
+    from harakapy.inbound.settings import InboundSettings
 
 log = logging.getLogger("harakapy.inbound")
 
@@ -40,6 +41,38 @@ MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
 # RFC 1870 (SIZE=), RFC 6152 (BODY=8BITMIME), RFC 6531 (SMTPUTF8) and RFC 8689 (REQUIRETLS)
 # each let MAIL FROM grow by their parameter.
 MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 14 + 10 + 11
+
+
+class InboundHost(Protocol):
+    """What one inbound connection needs of the running server, and no more."""
+
+    @property
+    def settings(self) -> InboundSettings: ...
+
+    @property
+    def me(self) -> str: ...
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
+
+    @property
+    def plugins(self) -> HookCaller: ...
+
+    @property
+    def connections(self) -> set[SmtpProtocol]: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def queues_outbound(self) -> bool:
+        """Whether relayed mail that no ``queue_outbound`` plugin takes goes to the
+        outbound queue (:meth:`enqueue`)."""
+        ...
+
+    async def enqueue(self, transaction: Transaction) -> object: ...
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
 
 
 class _NoHandler:
@@ -70,12 +103,13 @@ class _Command:
 class SmtpProtocol(SMTP):
     """One inbound connection.
 
-    :param server: The running server: settings, plugins, TLS context, connection registry.
+    :param server: The running server: settings, plugins, TLS context, connection registry
+        (:class:`InboundHost`).
     :param implicit_tls: Whether this listener wraps the socket in TLS before the greeting
         (port 465 style); STARTTLS is then not offered.
     """
 
-    def __init__(self, server: Server, *, implicit_tls: bool = False) -> None:
+    def __init__(self, server: InboundHost, *, implicit_tls: bool = False) -> None:
         settings = server.settings
         self._init_aiosmtpd(
             data_size_limit=settings.max_message_bytes,
@@ -263,8 +297,7 @@ class SmtpProtocol(SMTP):
             if self._implicit_handshake is not None and not await self._finish_tls(
                     self._implicit_handshake):
                 return
-            result = await server.plugins.call_first("connect", connection=connection,
-                                                     server=server)
+            result = await server.plugins.call_first("connect", connection=connection)
             if isinstance(result, Result) and not result.is_ok:
                 # RFC 5321 3.1: a refused connection hears 554 (or 421) instead of 220.
                 code = result.code or (421 if result.action is Action.DENYSOFT else 554)
@@ -281,8 +314,7 @@ class SmtpProtocol(SMTP):
     async def _disconnected(self, connection: Connection) -> None:
         log.info("%s disconnect after %.3fs, %d transaction(s)", connection.id,
                  time.time() - connection.started, connection.transaction_count)
-        await self.server.plugins.call_all("disconnect", connection=connection,
-                                           server=self.server)
+        await self.server.plugins.call_all("disconnect", connection=connection)
 
     def _record_tls(self) -> None:
         assert self.connection is not None and self.transport is not None
@@ -297,8 +329,7 @@ class SmtpProtocol(SMTP):
         plugins = self.server.plugins
         # Most of these hooks have no plugin at all: then there is nothing to call.
         result = await plugins.call_first(
-            hook, connection=self.connection, server=self.server, **kwargs
-        ) if plugins.has(hook) else None
+            hook, connection=self.connection, **kwargs) if plugins.has(hook) else None
         if isinstance(result, Result) and not result.is_ok:
             reply = reply_for(result, default_message=default_message,
                               default_enhanced=default_enhanced)
@@ -332,7 +363,7 @@ class SmtpProtocol(SMTP):
         assert connection is not None
         hostname = hostname.strip()
         result = await self.server.plugins.call_first(
-            verb.lower(), connection=connection, hostname=hostname, server=self.server)
+            verb.lower(), connection=connection, hostname=hostname)
         if isinstance(result, Result) and not result.is_ok:
             reply = reply_for(result, default_message=f"{verb} refused",
                               default_enhanced="5.7.1")
@@ -493,8 +524,7 @@ class SmtpProtocol(SMTP):
             return AuthResult(success=False, handled=False,
                               message="501 5.5.2 Credentials are not UTF-8")
         result = await self.server.plugins.call_first(
-            "auth", connection=connection, mechanism=mechanism, user=user, password=password,
-            server=self.server)
+            "auth", connection=connection, mechanism=mechanism, user=user, password=password)
         if isinstance(result, Result) and result.is_ok:
             connection.auth_user = user
             connection.relaying = True  # as Haraka: an authenticated client may relay
@@ -599,7 +629,7 @@ class SmtpProtocol(SMTP):
             return
         result = await self.server.plugins.call_first(
             "rcpt", connection=connection, transaction=transaction, recipient=recipient,
-            params=params, server=self.server)
+            params=params)
         if isinstance(result, Result) and result.is_ok:
             transaction.recipients.append(recipient)
             await self._push_raw(reply_for(result, default_message="Ok",
@@ -729,9 +759,8 @@ class SmtpProtocol(SMTP):
 
     async def _queue_outbound(self, transaction: Transaction) -> Result:
         """The core outbound queue: store durably, then 250 (never 250 before fsync)."""
-        assert self.server.outbound is not None
         try:
-            await self.server.outbound.enqueue(transaction)
+            await self.server.enqueue(transaction)
         except SpoolError as exc:
             log.error("%s cannot queue %s: %s", self._cid, transaction.id, exc)
             return Result(Action.DENYSOFT, "Cannot queue the message now; try again later",
@@ -749,9 +778,9 @@ class SmtpProtocol(SMTP):
             hook = "queue_outbound" if connection.relaying else "queue"
             plugins = self.server.plugins
             result = await plugins.call_first(
-                hook, connection=connection, transaction=transaction, server=self.server
+                hook, connection=connection, transaction=transaction
             ) if plugins.has(hook) else None
-            if result is None and hook == "queue_outbound" and self.server.outbound:
+            if result is None and hook == "queue_outbound" and self.server.queues_outbound:
                 result = await self._queue_outbound(transaction)
             if isinstance(result, Result) and result.is_ok:
                 reply = format_reply(250, result.message or f"Ok: queued as {transaction.id}",

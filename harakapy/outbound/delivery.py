@@ -20,6 +20,7 @@ from harakapy.outbound.mx import MxHost
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.outbound.tls_policy import Route
+from harakapy.spool.store import RecipientState
 
 log = logging.getLogger("harakapy.outbound")
 
@@ -29,7 +30,7 @@ class RecipientResult:
     """What happened to one recipient in this attempt."""
 
     index: int
-    state: str  # "delivered", "deferred" or "bounced"
+    state: RecipientState  # delivered, deferred or bounced
     reply: str
     enhanced: str
     mx: str = ""
@@ -227,7 +228,7 @@ class Delivery:
             else:
                 status_code = "5.4.4"
                 reason = "no usable host: " + "; ".join(outcome.errors[-3:])
-            outcome.results = [RecipientResult(i, "bounced", reason, status_code)
+            outcome.results = [RecipientResult(i, RecipientState.BOUNCED, reason, status_code)
                                for i in range(len(recipients))]
         return outcome
 
@@ -286,11 +287,11 @@ class Delivery:
             return "failed"
         for index, reply in enumerate(result.recipients):
             if reply.positive:
-                state, default = "delivered", "2.0.0"
+                state, default = RecipientState.DELIVERED, "2.0.0"
             elif reply.transient:
-                state, default = "deferred", "4.0.0"
+                state, default = RecipientState.DEFERRED, "4.0.0"
             else:
-                state, default = "bounced", "5.0.0"
+                state, default = RecipientState.BOUNCED, "5.0.0"
             outcome.results.append(RecipientResult(index, state, str(reply),
                                                    _enhanced(reply, default), host.hostname,
                                                    remote=True))

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 from harakapy.dns import DnsError, Resolver
 from harakapy.outbound.client import SessionError, SmtpSession
 from harakapy.outbound.delivery import Delivery
-from harakapy.outbound.mx import MxError, MxHost
+from harakapy.outbound.mx import MxError, MxHost, next_hops
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
-from harakapy.outbound.queue import next_hops
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.outbound.tls_policy import Route, find_policy, routes_for, tls_settings
 from harakapy.tls.policy import Level, Policy
@@ -25,7 +24,7 @@ from harakapy.tls.results import TlsResult
 from harakapy.tls.verify import CertificateFacts
 
 if TYPE_CHECKING:
-    from harakapy.server import Server
+    from harakapy.outbound.queue import QueueHost
 
 
 @dataclass
@@ -64,7 +63,7 @@ class Diagnosis:
         return dataclasses.asdict(self)
 
 
-async def diagnose(server: Server, domain: str, *, probe: bool) -> Diagnosis:
+async def diagnose(server: QueueHost, domain: str, *, probe: bool) -> Diagnosis:
     """What the ``tls_policy`` hook decides for ``domain``; with ``probe``, what each MX does.
 
     Never raises for what the network or DNS does: that goes into the diagnosis.
@@ -74,16 +73,17 @@ async def diagnose(server: Server, domain: str, *, probe: bool) -> Diagnosis:
     resolver = server.config.derive("outbound.resolver", Resolver.from_config)
     result = Diagnosis(domain)
     try:
-        hosts, routed = await next_hops(server, resolver, domain, port=settings.port)
+        hosts, routed = await next_hops(server.plugins, resolver, domain, port=settings.port,
+                                        me=server.me)
     except MxError as exc:
         hosts, routed = [], False
         result.error = exc.reason
     result.routed = routed
     result.hosts = [f"{h.hostname}:{h.port}" + (f" (MX {h.preference})" if not routed else "")
                     for h in hosts]
-    routes = await routes_for(server, domain, hosts, routed=routed)
-    policy = routes[0].policy if routes else await find_policy(server, domain, [],
-                                                               routed=False)
+    routes = await routes_for(server.plugins, server.config, domain, hosts, routed=routed)
+    policy = routes[0].policy if routes else await find_policy(
+        server.plugins, server.config, domain, [], routed=False)
     result.policy, result.level = policy.describe(), policy.level.value
     result.decided_by, result.why = policy.decided_by, policy.reason
     result.source = dataclasses.asdict(policy.source)
@@ -96,7 +96,7 @@ async def diagnose(server: Server, domain: str, *, probe: bool) -> Diagnosis:
     return result
 
 
-async def _probe_host(server: Server, settings: OutboundSettings, resolver: Resolver,
+async def _probe_host(server: QueueHost, settings: OutboundSettings, resolver: Resolver,
                       route: Route) -> list[Probe]:
     policy, host, nexthop = route.policy, route.host, route.nexthop
     reports: list[TlsResult] = []
@@ -104,7 +104,7 @@ async def _probe_host(server: Server, settings: OutboundSettings, resolver: Reso
     async def collect(report: TlsResult) -> None:
         reports.append(report)
 
-    negotiator = Negotiator(tls_settings(server), report=collect)
+    negotiator = Negotiator(tls_settings(server.config), report=collect)
     delivery = Delivery(settings, resolver, server.me, negotiator)
     try:
         plan = await negotiator.plan(policy, host, nexthop)

@@ -2,7 +2,8 @@
 
 :func:`order_mx` is pure: preference order, random among equals, the null MX, our own host
 in the list. :func:`resolve` adds the DNS lookups and maps their failures to permanent or
-temporary ones. Neither knows about connections or TLS.
+temporary ones. :func:`next_hops` asks ``get_mx`` plugins first. None of them knows about
+connections or TLS.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from harakapy.dns import DnsError, NoSuchDomain, Resolver
+from harakapy.results import Result
+
+if TYPE_CHECKING:
+    from harakapy.dispatch import HookCaller
+    from harakapy.spool.store import QueuedMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +107,51 @@ async def resolve(resolver: Resolver, domain: str, *, port: int,
     except DnsError as exc:
         raise MxError(exc.reason, permanent=False, enhanced="4.4.3") from None
     return order_mx(records, domain=domain, port=port, me=me)
+
+
+async def next_hops(hooks: HookCaller, resolver: Resolver, domain: str, *, port: int,
+                    me: str, message: QueuedMessage | None = None
+                    ) -> tuple[list[MxHost], bool]:
+    """The hosts to try for ``domain``, and whether a ``get_mx`` plugin routed them.
+
+    :param hooks: The plugin manager, for ``get_mx``.
+    :param me: Our own host name (an MX pointing at it ends the list).
+    :raises MxError: no host (null MX, no such domain), or a plugin or DNS failure.
+    """
+    answer = await hooks.call_first("get_mx", message=message, domain=domain)
+    if isinstance(answer, Result):  # a plugin failed: never guess a route
+        raise MxError(f"get_mx plugin failed for {domain}", permanent=False,
+                      enhanced="4.3.0")
+    if answer is not None:
+        return _routes(answer, port), True
+    return await resolve(resolver, domain, port=port, me=[me]), False
+
+
+def _routes(answer: object, port: int) -> list[MxHost]:
+    """A ``get_mx`` answer as hosts: an MxHost, ``"host"``, ``"host:port"``, or a list."""
+    items = answer if isinstance(answer, list | tuple) else [answer]
+    hosts = []
+    for item in items:
+        if isinstance(item, MxHost):
+            hosts.append(item)
+        elif isinstance(item, str):
+            hosts.append(_parse_route(item, port))
+        else:
+            raise MxError(f"get_mx returned {item!r}", permanent=False, enhanced="4.3.0")
+    return hosts
+
+
+def _parse_route(text: str, port: int) -> MxHost:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        number = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+    else:
+        host, number = text, ""
+    if number and not (number.isdigit() and 0 < int(number) <= 65535):
+        raise MxError(f"get_mx returned a bad port in {text!r}", permanent=False,
+                      enhanced="4.3.0")
+    return MxHost(host, 0, int(number) if number else port)

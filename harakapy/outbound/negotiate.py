@@ -168,8 +168,8 @@ class Negotiator:
             # policy's to report (RFC 8460 counts it once, as this failure).
             level, quiet = Level.MAY, True
         if level in (Level.DANE, Level.DANE_ONLY):
-            tlsa = await policy.dane.lookup(host) if policy.dane is not None else \
-                TlsaLookup()
+            tlsa = (await policy.dane.lookup(host.hostname, host.port)
+                    if policy.dane is not None else TlsaLookup())
             if tlsa.records or tlsa.failure or tlsa.unusable:
                 source = PolicySource("tlsa", tlsa.base_domain or host.hostname,
                                       tuple(str(r) for r in tlsa.records))
@@ -284,8 +284,8 @@ class Negotiator:
                                f"(sha256:{key}) match no pin", "fingerprint-mismatch")
         elif plan.tlsa is not None and plan.tlsa.records:
             assert policy.dane is not None
-            return policy.dane.verify(plan.tlsa, verify.peer_chain(ssl_object), plan.host,
-                                      plan.nexthop)
+            return policy.dane.verify(plan.tlsa, verify.peer_chain(ssl_object),
+                                      plan.host.hostname, plan.nexthop)
         return None
 
     # -- outcomes ---------------------------------------------------------------------

@@ -21,34 +21,49 @@ import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from harakapy.clock import Clock
 from harakapy.dns import Resolver
-from harakapy.inbound.connection import Transaction, new_id
-from harakapy.outbound import mx as mx_module
 from harakapy.outbound.bounce import Failure, build_dsn
 from harakapy.outbound.delivery import Delivery, Outcome, RecipientResult
-from harakapy.outbound.mx import MxError, MxHost
+from harakapy.outbound.mx import MxError, MxHost, next_hops
 from harakapy.outbound.negotiate import Negotiator
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.outbound.tls_policy import PolicyLookupError, routes_for, tls_settings
 from harakapy.results import Result
 from harakapy.spool.store import (
-    BOUNCED,
-    DEFERRED,
-    DELIVERED,
+    JournalEvent,
     QueuedMessage,
+    RecipientState,
     Spool,
     SpoolError,
-    apply_event,
+    new_id,
 )
 
 if TYPE_CHECKING:
-    from harakapy.server import Server
+    from harakapy.config import Config
+    from harakapy.dispatch import HookCaller
     from harakapy.tls.results import TlsResult
 
+DELIVERED, DEFERRED, BOUNCED = (RecipientState.DELIVERED, RecipientState.DEFERRED,
+                                RecipientState.BOUNCED)
+
 log = logging.getLogger("harakapy.outbound")
+
+
+class QueueHost(Protocol):
+    """What the queue runner needs of the running server; it reads each at every use, so
+    a SIGHUP reload applies to the next delivery."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def me(self) -> str: ...
+
+    @property
+    def plugins(self) -> HookCaller: ...
 
 
 @dataclass(slots=True)
@@ -62,13 +77,13 @@ class Job:
 class OutboundQueue:
     """The spool plus the runner that empties it.
 
-    :param server: For hooks, ``me`` and settings; the runner reads them at each use, so a
-        SIGHUP reload applies to the next delivery.
+    :param server: For hooks, ``me`` and settings (see :class:`QueueHost`).
     :param spool: The spool directory.
     :param clock: Where time comes from (tests move it).
     """
 
-    def __init__(self, server: Server, spool: Spool, *, clock: Clock | None = None) -> None:
+    def __init__(self, server: QueueHost, spool: Spool, *,
+                 clock: Clock | None = None) -> None:
         self.server = server
         self.spool = spool
         self.clock = clock or Clock()
@@ -105,7 +120,7 @@ class OutboundQueue:
         if self._delivery is None or self._resolver_for is not config:
             resolver = config.derive("outbound.resolver", Resolver.from_config)
             old = self._delivery
-            negotiator = Negotiator(tls_settings(self.server), report=self._report_tls)
+            negotiator = Negotiator(tls_settings(config), report=self._report_tls)
             self._delivery = Delivery(self.settings, resolver, self.server.me, negotiator)
             if old is not None:
                 self._delivery.pool = old.pool  # idle sessions survive a reload
@@ -171,37 +186,30 @@ class OutboundQueue:
 
     # -- entering the queue ---------------------------------------------------------------
 
-    async def enqueue(self, transaction: Transaction) -> QueuedMessage:
-        """Store a received message durably and schedule its delivery.
+    async def submit(self, sender: str, recipients: list[str], message: bytes, *,
+                     id: str | None = None, smtputf8: bool | None = None,
+                     body_8bit: bool = False, client: str = "") -> QueuedMessage:
+        """Store a message durably and schedule its delivery.
 
-        :raises SpoolError: it could not be stored; the client must hear 4xx.
+        :param id: The queue id (a received message keeps its transaction's); a new one
+            when ``None``.
+        :param smtputf8: Whether delivery needs SMTPUTF8; ``None``: when an address is
+            not ASCII.
+        :param client: The inbound transaction it came from, for logs.
+        :raises SpoolError: it could not be stored; a client must hear 4xx.
         """
-        assert transaction.message is not None
-        message = await self._in_thread(
-            self.spool.accept, id=transaction.id, sender=transaction.sender.address,
-            recipients=[r.address for r in transaction.recipients],
-            message=transaction.message, smtputf8=transaction.smtputf8,
-            body_8bit=transaction.body_8bit, client=transaction.id,
-            arrival=self.clock.time())
-        await self._entered(message)
-        return message
-
-    async def inject(self, sender: str, recipients: list[str], message: bytes) -> QueuedMessage:
-        """Queue a message we made ourselves (a DSN)."""
+        if smtputf8 is None:
+            smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         queued = await self._in_thread(
-            self.spool.accept, id=new_id(), sender=sender, recipients=recipients,
-            message=message, smtputf8=not all(r.isascii() for r in recipients),
+            self.spool.accept, id=id or new_id(), sender=sender, recipients=recipients,
+            message=message, smtputf8=smtputf8, body_8bit=body_8bit, client=client,
             arrival=self.clock.time())
-        await self._entered(queued)
-        return queued
-
-    async def _entered(self, message: QueuedMessage) -> None:
-        await self.server.plugins.call_all("init_outbound", message=message,
-                                           server=self.server)
-        domains = message.domains()
-        self._open_domains[message.id] = set(domains)
+        await self.server.plugins.call_all("init_outbound", message=queued)
+        domains = queued.domains()
+        self._open_domains[queued.id] = set(domains)
         for domain in domains:
-            self._schedule(message.id, domain, 0.0)
+            self._schedule(queued.id, domain, 0.0)
+        return queued
 
     def _schedule(self, message_id: str, domain: str, due: float) -> None:
         job = Job(message_id, domain, due)
@@ -340,8 +348,8 @@ class OutboundQueue:
         indexes = [message.recipients.index(r) for r in pending]
         try:
             hosts, routed = await self._hosts(message, job.domain)
-            routes = await routes_for(self.server, job.domain, hosts, routed=routed,
-                                      message=message)
+            routes = await routes_for(self.server.plugins, self.server.config, job.domain,
+                                      hosts, routed=routed, message=message)
         except MxError as exc:
             state = BOUNCED if exc.permanent else DEFERRED
             outcome = Outcome([RecipientResult(i, state, exc.reason, exc.enhanced)
@@ -369,11 +377,11 @@ class OutboundQueue:
         await self._apply(message, job, indexes, outcome, lifetime)
 
     async def _hosts(self, message: QueuedMessage, domain: str) -> tuple[list[MxHost], bool]:
-        return await next_hops(self.server, self.delivery.resolver, domain,
-                               port=self.settings.port, message=message)
+        return await next_hops(self.server.plugins, self.delivery.resolver, domain,
+                               port=self.settings.port, me=self.server.me, message=message)
 
     async def _report_tls(self, result: TlsResult) -> None:
-        await self.server.plugins.call_all("tls_result", result=result, server=self.server)
+        await self.server.plugins.call_all("tls_result", result=result)
 
     async def _apply(self, message: QueuedMessage, job: Job, indexes: list[int],
                      outcome: Outcome, lifetime: float) -> None:
@@ -404,14 +412,14 @@ class OutboundQueue:
             log.info("%s delivered to <%s> via %s: %s", message.id,
                      message.recipients[result.index].address, result.mx, result.reply)
         if delivered:
-            await self._record(message, {"rcpt": [r.index for r in delivered],
-                                         "state": DELIVERED, "mx": delivered[0].mx,
-                                         "reply": delivered[0].reply}, durable=True)
+            await self._record(message, JournalEvent(
+                rcpt=tuple(r.index for r in delivered), state=DELIVERED, mx=delivered[0].mx,
+                reply=delivered[0].reply), durable=True)
             for result in delivered:
                 await server.plugins.call_all(
                     "delivered", message=message,
                     recipients=[message.recipients[result.index]], mx=result.mx,
-                    reply=result.reply, server=server)
+                    reply=result.reply)
 
         if bounced:
             await self._bounce(message, bounced)
@@ -423,25 +431,26 @@ class OutboundQueue:
             why = "; ".join(sorted({r.reply for r in deferred})) or reason
             log.info("%s deferred %d recipient(s) in %s until %.0fs from now: %s",
                      message.id, len(retry), job.domain, next_attempt - now, why)
-            await self._record(message, {"rcpt": retry, "state": DEFERRED, "reply": why,
-                                         "domain": job.domain, "attempts": attempts,
-                                         "next": next_attempt, "error": why}, durable=False)
+            await self._record(message, JournalEvent(
+                rcpt=tuple(retry), state=DEFERRED, reply=why, domain=job.domain,
+                attempts=attempts, next_attempt=next_attempt, error=why), durable=False)
             await server.plugins.call_all(
                 "deferred", message=message,
                 recipients=[message.recipients[i] for i in retry], reason=why,
-                next_attempt=next_attempt, server=server)
+                next_attempt=next_attempt)
             await self._maybe_warn(message, retry, why, lifetime)
             if self._jobs.get((message.id, job.domain)) is job:
                 self._schedule(message.id, job.domain, next_attempt)
             return
         self._domain_done(message, job.domain)
 
-    async def _record(self, message: QueuedMessage, event: dict[str, Any], *,
+    async def _record(self, message: QueuedMessage, event: JournalEvent, *,
                       durable: bool) -> None:
         if message.id not in self._open_domains:
             return  # deleted by the operator meanwhile
-        await self._in_thread(self.spool.record, message.id, event, durable=durable)
-        apply_event(message, event)
+        written = await self._in_thread(self.spool.record, message.id, event, durable=durable)
+        message.history.append(written)
+        written.apply(message)
 
     async def _bounce(self, message: QueuedMessage, bounced: list[RecipientResult]) -> None:
         failures = [Failure(message.recipients[r.index].address, r.enhanced or "5.0.0",
@@ -453,7 +462,7 @@ class OutboundQueue:
         if not message.is_bounce:
             dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me)
             answer = await self.server.plugins.call_first(
-                "bounce", message=message, recipients=recipients, dsn=dsn, server=self.server)
+                "bounce", message=message, recipients=recipients, dsn=dsn)
             if isinstance(answer, bytes):
                 dsn = answer
             if isinstance(answer, Result) and not answer.is_ok:
@@ -461,15 +470,16 @@ class OutboundQueue:
                 # own DSN, so the sender still hears of it.
                 answer = None
             if answer is None or isinstance(answer, bytes):
-                queued = await self.inject("", [message.sender], dsn)
+                queued = await self.submit("", [message.sender], dsn)
                 log.info("%s DSN queued as %s for <%s>", message.id, queued.id,
                          message.sender)
         else:
             log.warning("%s is itself a bounce: dropping it (no errors about errors)",
                         message.id)
-        await self._record(message, {"rcpt": [r.index for r in bounced], "state": BOUNCED,
-                                     "reply": "; ".join(f.diagnostic for f in failures)[:500],
-                                     "enhanced": failures[0].status}, durable=True)
+        await self._record(message, JournalEvent(
+            rcpt=tuple(r.index for r in bounced), state=BOUNCED,
+            reply="; ".join(f.diagnostic for f in failures)[:500],
+            enhanced=failures[0].status), durable=True)
 
     async def _maybe_warn(self, message: QueuedMessage, retry: list[int], why: str,
                           lifetime: float) -> None:
@@ -480,8 +490,8 @@ class OutboundQueue:
         failures = [Failure(message.recipients[i].address, "4.4.7", why) for i in retry]
         dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me,
                                       delayed=True, retry_until=message.arrival + lifetime)
-        await self.inject("", [message.sender], dsn)
-        await self._record(message, {"warned": True}, durable=True)
+        await self.submit("", [message.sender], dsn)
+        await self._record(message, JournalEvent(warned=True), durable=True)
 
     def _domain_done(self, message: QueuedMessage, domain: str) -> None:
         self._jobs.pop((message.id, domain), None)
@@ -493,49 +503,3 @@ class OutboundQueue:
             del self._open_domains[message.id]
             self.spool.remove(message.id)
             log.info("%s done: removed from the spool", message.id)
-
-
-async def next_hops(server: Server, resolver: Resolver, domain: str, *, port: int,
-                    message: QueuedMessage | None = None) -> tuple[list[MxHost], bool]:
-    """The hosts to try for ``domain``, and whether a ``get_mx`` plugin routed them.
-
-    :raises MxError: no host (null MX, no such domain), or a plugin or DNS failure.
-    """
-    answer = await server.plugins.call_first("get_mx", message=message, domain=domain,
-                                             server=server)
-    if isinstance(answer, Result):  # a plugin failed: never guess a route
-        raise MxError(f"get_mx plugin failed for {domain}", permanent=False,
-                      enhanced="4.3.0")
-    if answer is not None:
-        return _routes(answer, port), True
-    return await mx_module.resolve(resolver, domain, port=port, me=[server.me]), False
-
-
-def _routes(answer: object, port: int) -> list[MxHost]:
-    """A ``get_mx`` answer as hosts: an MxHost, ``"host"``, ``"host:port"``, or a list."""
-    items = answer if isinstance(answer, list | tuple) else [answer]
-    hosts = []
-    for item in items:
-        if isinstance(item, MxHost):
-            hosts.append(item)
-        elif isinstance(item, str):
-            hosts.append(_parse_route(item, port))
-        else:
-            raise MxError(f"get_mx returned {item!r}", permanent=False, enhanced="4.3.0")
-    return hosts
-
-
-def _parse_route(text: str, port: int) -> MxHost:
-    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        number = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, _, number = text.partition(":")
-    else:
-        host, number = text, ""
-    if number and not (number.isdigit() and 0 < int(number) <= 65535):
-        raise MxError(f"get_mx returned a bad port in {text!r}", permanent=False,
-                      enhanced="4.3.0")
-    return MxHost(host, 0, int(number) if number else port)

@@ -14,8 +14,9 @@ from harakapy.tls.policy import Level, Policy
 from harakapy.tls.settings import TlsSettings
 
 if TYPE_CHECKING:
+    from harakapy.config import Config
+    from harakapy.dispatch import HookCaller
     from harakapy.outbound.mx import MxHost
-    from harakapy.server import Server
     from harakapy.spool.store import QueuedMessage
 
 
@@ -38,32 +39,34 @@ class PolicyLookupError(Exception):
     weaker policy."""
 
 
-def tls_settings(server: Server) -> TlsSettings:
-    return server.config.derive("tls.outbound", TlsSettings.from_config)
+def tls_settings(config: Config) -> TlsSettings:
+    return config.derive("tls.outbound", TlsSettings.from_config)
 
 
-async def find_policy(server: Server, domain: str, hosts: list[MxHost], *, routed: bool,
-                      message: QueuedMessage | None = None, after: str = "") -> Policy:
+async def find_policy(hooks: HookCaller, config: Config, domain: str, hosts: list[MxHost], *,
+                      routed: bool, message: QueuedMessage | None = None,
+                      after: str = "") -> Policy:
     """The policy for ``domain``, with ``decided_by`` naming the plugin that chose it.
 
+    :param hooks: The plugin manager.
+    :param config: For ``[outbound] default_level``.
     :param after: Ask only the plugins after this one in ``config/plugins``: a plugin
         that makes the policy stricter for some messages (REQUIRETLS) asks what the
         others decide, then answers with more.
     :raises PolicyLookupError: a plugin failed (the log has its traceback).
     """
-    answer, plugin = await server.plugins.call_first_named(
+    answer, plugin = await hooks.call_first_named(
         "tls_policy", after=after, domain=domain, hosts=hosts, routed=routed,
-        message=message, server=server)
+        message=message)
     if isinstance(answer, Result):
         raise PolicyLookupError(f"the TLS policy for {domain} could not be determined "
                                 f"(plugin {plugin} failed)")
     if answer is None:
-        level = tls_settings(server).default_level
+        level = tls_settings(config).default_level
         return Policy(level, reason="[outbound] default_level in config/tls.ini")
     policy = answer.with_decider(plugin)
     if policy.level in (Level.DANE, Level.DANE_ONLY) and policy.dane is None:
-        authority, provider = await server.plugins.call_first_named("dane_authority",
-                                                                    server=server)
+        authority, provider = await hooks.call_first_named("dane_authority")
         if isinstance(authority, Result) or (authority is not None and not (
                 callable(getattr(authority, "lookup", None))
                 and callable(getattr(authority, "verify", None)))):
@@ -75,8 +78,8 @@ async def find_policy(server: Server, domain: str, hosts: list[MxHost], *, route
     return policy
 
 
-async def routes_for(server: Server, domain: str, hosts: list[MxHost], *, routed: bool,
-                     message: QueuedMessage | None = None) -> list[Route]:
+async def routes_for(hooks: HookCaller, config: Config, domain: str, hosts: list[MxHost], *,
+                     routed: bool, message: QueuedMessage | None = None) -> list[Route]:
     """Each host with its policy: one policy for a domain's MX hosts; for routed mail, one
     per host, as Postfix looks up each next hop (``[relay-a]`` and ``[relay-b]`` may
     differ).
@@ -84,8 +87,9 @@ async def routes_for(server: Server, domain: str, hosts: list[MxHost], *, routed
     :raises PolicyLookupError: a plugin failed.
     """
     if not routed:
-        policy = await find_policy(server, domain, hosts, routed=False, message=message)
+        policy = await find_policy(hooks, config, domain, hosts, routed=False,
+                                   message=message)
         return [Route(host, policy, domain) for host in hosts]
-    return [Route(host, await find_policy(server, domain, [host], routed=True,
+    return [Route(host, await find_policy(hooks, config, domain, [host], routed=True,
                                           message=message), host.hostname.strip("[]"))
             for host in hosts]

@@ -91,8 +91,8 @@ def format_show(message: QueuedMessage) -> str:
     if message.history:
         lines.append("history:")
         for event in message.history:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.get("t", 0)))
-            rest = {k: v for k, v in event.items() if k != "t"}
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.time))
+            rest = {k: v for k, v in event.to_json().items() if k != "t"}
             lines.append(f"  {stamp}Z {rest}")
     lines.append("header:")
     header = message.read_headers().decode("utf-8", "replace")

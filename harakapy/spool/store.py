@@ -17,22 +17,38 @@ This module knows files, fsync and the record formats. It does not know SMTP or 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from harakapy.inbound.address import Address
+_counter = itertools.count(1)
+_PREFIX = os.urandom(4).hex().upper()
 
-PENDING = "pending"
-DELIVERED = "delivered"
-DEFERRED = "deferred"
-BOUNCED = "bounced"
-FINAL = frozenset({DELIVERED, BOUNCED})
+
+def new_id() -> str:
+    """A short id unique to this process run: it names connections in logs and messages in
+    the spool (``queued as <id>``)."""
+    return f"{_PREFIX}{next(_counter):08X}"
+
+
+class RecipientState(StrEnum):
+    """What became of one recipient; the value is the journal's spelling."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RecipientState.DELIVERED, RecipientState.BOUNCED)
 
 
 class SpoolError(Exception):
@@ -45,14 +61,109 @@ class QueuedRecipient:
 
     address: str
     domain: str
-    state: str = PENDING
+    state: RecipientState = RecipientState.PENDING
     reply: str = ""
     enhanced: str = ""
     mx: str = ""
 
     @property
     def is_final(self) -> bool:
-        return self.state in FINAL
+        return self.state.is_final
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEvent:
+    """One line of a message's journal (``log/<id>``), as the store writes and reads it.
+
+    A recipient outcome sets ``rcpt`` (indexes into the envelope's recipients) and
+    ``state``; a retry schedule sets ``domain`` with ``attempts``, ``next_attempt`` and
+    ``error``; ``flush`` makes every domain due now; ``warned`` records the delay notice.
+
+    :ivar time: When it was written, seconds since the epoch (set by :meth:`Spool.record`).
+    """
+
+    rcpt: tuple[int, ...] = ()
+    state: RecipientState | None = None
+    reply: str = ""
+    enhanced: str = ""
+    mx: str = ""
+    domain: str | None = None
+    attempts: int | None = None
+    next_attempt: float | None = None
+    error: str | None = None
+    flush: bool = False
+    warned: bool = False
+    time: float = 0.0
+
+    # Journal keys as they are on disk; short, since a busy spool writes many.
+    def to_json(self) -> dict[str, Any]:
+        """The journal line's JSON object: only the fields this event sets."""
+        data: dict[str, Any] = {"t": round(self.time, 3)}
+        if self.rcpt:
+            data["rcpt"] = list(self.rcpt)
+        if self.state is not None:
+            data["state"] = self.state.value
+        for key in ("reply", "enhanced", "mx"):
+            if value := getattr(self, key):
+                data[key] = value
+        if self.domain is not None:
+            data["domain"] = self.domain
+        if self.attempts is not None:
+            data["attempts"] = self.attempts
+        if self.next_attempt is not None:
+            data["next"] = self.next_attempt
+        if self.error is not None:
+            data["error"] = self.error
+        if self.flush:
+            data["flush"] = True
+        if self.warned:
+            data["warned"] = True
+        return data
+
+    @classmethod
+    def from_json(cls, data: object) -> JournalEvent | None:
+        """The event a journal line holds; ``None`` for a line that is not one (a torn
+        last line from a crash mid-append, or garbage)."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            state = data.get("state")
+            return cls(
+                rcpt=tuple(int(i) for i in data.get("rcpt", ())),
+                state=RecipientState(state) if state is not None else None,
+                reply=str(data.get("reply", "")), enhanced=str(data.get("enhanced", "")),
+                mx=str(data.get("mx", "")), domain=data.get("domain"),
+                attempts=int(data["attempts"]) if "attempts" in data else None,
+                next_attempt=float(data["next"]) if "next" in data else None,
+                error=str(data["error"]) if "error" in data else None,
+                flush=bool(data.get("flush")), warned=bool(data.get("warned")),
+                time=float(data.get("t", 0.0)))
+        except (TypeError, ValueError):
+            return None
+
+    def apply(self, message: QueuedMessage) -> None:
+        """Fold this event into the message's state (at load, and live after writing)."""
+        if self.state is not None and self.state is not RecipientState.PENDING:
+            for index in self.rcpt:
+                if 0 <= index < len(message.recipients):
+                    recipient = message.recipients[index]
+                    if recipient.is_final:
+                        continue
+                    recipient.state = self.state
+                    recipient.reply = self.reply
+                    recipient.enhanced = self.enhanced
+                    recipient.mx = self.mx
+        if self.domain is not None:
+            if self.next_attempt is not None:
+                message.next_attempt[self.domain] = self.next_attempt
+            if self.attempts is not None:
+                message.attempts[self.domain] = self.attempts
+            if self.error is not None:
+                message.last_error[self.domain] = self.error
+        if self.flush:
+            message.next_attempt.clear()
+        if self.warned:
+            message.warned = True
 
 
 @dataclass(slots=True)
@@ -76,13 +187,8 @@ class QueuedMessage:
     next_attempt: dict[str, float] = field(default_factory=dict)
     last_error: dict[str, str] = field(default_factory=dict)
     warned: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[JournalEvent] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def sender_address(self) -> Address:
-        local, _, domain = self.sender.rpartition("@")
-        return Address(local, domain.lower()) if self.sender else Address("", "")
 
     @property
     def is_bounce(self) -> bool:
@@ -270,13 +376,15 @@ class Spool:
             arrival=arrival, size=len(message), smtputf8=smtputf8, body_8bit=body_8bit,
             client=client, path=final, body_offset=len(head))
 
-    def record(self, message_id: str, event: dict[str, Any], *, durable: bool = True) -> None:
-        """Append one event to the message's journal.
+    def record(self, message_id: str, event: JournalEvent, *,
+               durable: bool = True) -> JournalEvent:
+        """Append one event to the message's journal; the event as written (its time set).
 
         :param durable: fsync before returning. Outcomes that stop a re-send (delivered,
             bounced) must be durable; a deferral's schedule need not be.
         """
-        line = json.dumps({"t": round(time.time(), 3), **event}, ensure_ascii=False).encode()
+        event = replace(event, time=time.time())
+        line = json.dumps(event.to_json(), ensure_ascii=False).encode()
         path = os.path.join(self.log_dir, message_id)
         try:
             fd = os.open(path, _JOURNAL, 0o600)
@@ -293,6 +401,7 @@ class Spool:
                 os.close(fd)
         except OSError as exc:
             raise SpoolError(f"cannot write {path}: {exc.strerror}") from exc
+        return event
 
     def remove(self, message_id: str) -> None:
         """Forget a message whose recipients are all final (or that an operator deleted)."""
@@ -362,37 +471,10 @@ class Spool:
             os.close(fd)
         for line in lines:
             try:
-                event = json.loads(line)
+                event = JournalEvent.from_json(json.loads(line))
             except ValueError:
+                event = None
+            if event is None:
                 continue  # a torn last line from a crash mid-append: it was never acted on
-            if not isinstance(event, dict):
-                continue
             message.history.append(event)
-            apply_event(message, event)
-
-
-def apply_event(message: QueuedMessage, event: dict[str, Any]) -> None:
-    """Fold one journal event into the message's state (also used live, after writing)."""
-    state = event.get("state")
-    if state in (DELIVERED, BOUNCED, DEFERRED):
-        for index in event.get("rcpt", []):
-            if 0 <= index < len(message.recipients):
-                recipient = message.recipients[index]
-                if recipient.is_final:
-                    continue
-                recipient.state = state
-                recipient.reply = event.get("reply", "")
-                recipient.enhanced = event.get("enhanced", "")
-                recipient.mx = event.get("mx", "")
-    domain = event.get("domain")
-    if domain is not None:
-        if "next" in event:
-            message.next_attempt[domain] = float(event["next"])
-        if "attempts" in event:
-            message.attempts[domain] = int(event["attempts"])
-        if "error" in event:
-            message.last_error[domain] = str(event["error"])
-    if event.get("flush"):
-        message.next_attempt.clear()
-    if event.get("warned"):
-        message.warned = True
+            event.apply(message)

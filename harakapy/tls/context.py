@@ -25,7 +25,7 @@ VERSIONS = {
 }
 
 
-def parse_version(text: str) -> ssl.TLSVersion:
+def parse_tls_version(text: str) -> ssl.TLSVersion:
     """``TLSv1.2`` (case-insensitive; ``1.2`` also accepted) as an :class:`ssl.TLSVersion`.
 
     :raises ValueError: naming the accepted spellings.

@@ -2,7 +2,7 @@
 
 A :class:`Policy` is a value: a level with Postfix's names and meanings, the attributes
 that refine it, and where it came from for RFC 8460 reports. Plugins build policies and
-answer the ``tls_policy`` hook with them; :mod:`harakapy.tls.negotiate` enforces them.
+answer the ``tls_policy`` hook with them; ``harakapy.outbound.negotiate`` enforces them.
 Nothing here does I/O.
 """
 
@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from harakapy.outbound.mx import MxHost
     from harakapy.tls.results import Failure
 
 
@@ -146,10 +145,16 @@ class DaneAuthority(Protocol):
     asks :meth:`verify` about the chain the server presented before sending any command.
     """
 
-    async def lookup(self, host: MxHost) -> TlsaLookup: ...
+    async def lookup(self, hostname: str, port: int) -> TlsaLookup:
+        """The TLSA records of ``_<port>._tcp.<hostname>`` (CNAME-expanded, DNSSEC-secure
+        only)."""
+        ...
 
-    def verify(self, lookup: TlsaLookup, chain: Sequence[bytes], host: MxHost,
-               nexthop: str) -> Failure | None: ...
+    def verify(self, lookup: TlsaLookup, chain: Sequence[bytes], hostname: str,
+               nexthop: str) -> Failure | None:
+        """``None`` when ``chain`` (DER, leaf first) satisfies ``lookup``'s records for the
+        MX ``hostname``; else why not."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harakapy.config import Config
-from harakapy.tls.context import parse_version
+from harakapy.tls.context import parse_tls_version
 from harakapy.tls.policy import Level, cipher_list
 
 
@@ -40,7 +40,7 @@ class TlsSettings:
                             f"{level} needs per-destination data (pins, TLSA records): set "
                             f"it per domain with a plugin (tls_require, tls_pin, dane)")
         try:
-            min_version = parse_version(ini.get_str("outbound", "min_version", "TLSv1.2"))
+            min_version = parse_tls_version(ini.get_str("outbound", "min_version", "TLSv1.2"))
         except ValueError as exc:
             raise ini.error("outbound", "min_version", str(exc)) from None
         ciphers = ini.get_str("outbound", "ciphers")

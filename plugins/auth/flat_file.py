@@ -13,8 +13,16 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from harakapy import Config, checked_config, deny, hookimpl, ok
-from harakapy.passwords import hash_password, is_hash, verify_password
+from harakapy import (
+    Config,
+    checked_config,
+    deny,
+    hash_password,
+    hookimpl,
+    is_password_hash,
+    ok,
+    verify_password,
+)
 
 
 def load_users(config: Config) -> dict[str, str]:
@@ -23,7 +31,7 @@ def load_users(config: Config) -> dict[str, str]:
     for user in ini.keys("users"):
         entry = ini.entry("users", user)
         assert entry is not None
-        if not is_hash(entry.value):
+        if not is_password_hash(entry.value):
             raise entry.error(f"[users] {user}", "not an Argon2id hash; plaintext passwords "
                                                  "are refused. Make one with: harakapy "
                                                  f"passwd {user}")

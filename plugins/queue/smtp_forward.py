@@ -11,9 +11,7 @@ Settings: config/smtp_forward.ini [main]   Docs: docs/plugins/queue.smtp_forward
 
 from __future__ import annotations
 
-from harakapy import Config, checked_config, denysoft, hookimpl, ok
-from harakapy.outbound.mx import MxHost
-from harakapy.spool.store import SpoolError
+from harakapy import Config, MxHost, SpoolError, checked_config, denysoft, hookimpl, ok
 
 
 def load_backend(config: Config) -> MxHost:
@@ -41,7 +39,7 @@ startup, config_reload = checked_config("smtp_forward.backend", load_backend)
 @hookimpl
 async def queue(transaction, server):
     try:
-        queued = await server.outbound.enqueue(transaction)
+        queued = await server.enqueue(transaction)
     except SpoolError:
         return denysoft("Cannot queue the message now; try again later", enhanced="4.3.0")
     return ok(f"Ok: queued as {queued.id}")
