@@ -189,9 +189,23 @@ async def test_every_reply_after_ehlo_carries_an_enhanced_code(local_dir):
         await client.close()
 
 
+# What SmtpProtocol keeps beyond the state aiosmtpd's SMTP.__init__ sets up.
+OUR_STATE = {"command_size_limit", "command_size_limits", "server", "implicit_tls",
+             "connection", "_busy", "_auth_failures", "_implicit_handshake", "_replies",
+             "_progress_check"}
+
+
+def state_drift(ours: object, theirs: object) -> tuple[set[str], set[str]]:
+    """Attributes aiosmtpd sets that our connections lack, and ones we set that aiosmtpd
+    no longer has (a rename leaves one of each)."""
+    theirs_names = set(vars(theirs)) - {"_auth_methods"}  # ours is a cached property
+    ours_names = set(vars(ours)) - OUR_STATE
+    return theirs_names - ours_names, ours_names - theirs_names
+
+
 async def test_connections_have_all_the_state_aiosmtpd_sets_up(local_dir):
     # SmtpProtocol sets up aiosmtpd's state itself, from tables made once per class: a
-    # newer aiosmtpd must not add state that our connections then lack.
+    # newer aiosmtpd must not add or rename state that our connections then lack.
     from aiosmtpd.smtp import SMTP
 
     from harakapy.inbound.protocol import SmtpProtocol, _NoHandler
@@ -199,13 +213,48 @@ async def test_connections_have_all_the_state_aiosmtpd_sets_up(local_dir):
     async with running_server(local_dir) as hp:
         ours = SmtpProtocol(hp.server)
         theirs = SMTP(_NoHandler(), hostname="mx.example.test", auth_require_tls=False)
-        assert set(vars(theirs)) <= set(vars(ours)) | {"_auth_methods"}
+        assert state_drift(ours, theirs) == (set(), set())
         assert set(ours._auth_methods) == set(theirs._auth_methods) == {"PLAIN", "LOGIN"}
         assert set(ours._smtp_methods) == set(theirs._smtp_methods)
         for name, method in ours._smtp_methods.items():  # HELP reads the syntax
             function = getattr(SmtpProtocol, f"smtp_{name}")
             assert getattr(method, "__smtp_syntax__", None) == getattr(
                 function, "__smtp_syntax__", None)
+
+
+async def test_the_state_check_fails_for_an_aiosmtpd_that_adds_or_renames_state(
+        local_dir, monkeypatch):
+    from aiosmtpd.smtp import SMTP
+
+    from harakapy.inbound.protocol import SmtpProtocol, _NoHandler
+
+    original = SMTP.__init__
+
+    def newer_init(self, *args, **kwargs):  # as a release that renames _proxy_timeout
+        original(self, *args, **kwargs)
+        self._proxy_deadline = self.__dict__.pop("_proxy_timeout")
+        self._new_state = None
+
+    async with running_server(local_dir) as hp:
+        ours = SmtpProtocol(hp.server)
+        monkeypatch.setattr(SMTP, "__init__", newer_init)
+        theirs = SMTP(_NoHandler(), hostname="mx.example.test", auth_require_tls=False)
+        assert state_drift(ours, theirs) == ({"_proxy_deadline", "_new_state"},
+                                             {"_proxy_timeout"})
+
+
+def test_the_installed_aiosmtpd_is_in_the_range_the_state_check_covers():
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    [pin] = [Requirement(r) for r in project["project"]["dependencies"]
+             if r.startswith("aiosmtpd")]
+    assert pin.specifier.contains(importlib.metadata.version("aiosmtpd"))
+    assert any(spec.operator == "<" for spec in pin.specifier)  # an upper bound
 
 
 async def test_smtplib_client_with_verified_starttls(config_dir, server_cert, tls_ca):
