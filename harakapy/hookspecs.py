@@ -1,7 +1,9 @@
 """Every hook harakapy calls. Each docstring is the reference for that hook.
 
 Decision hooks (marked ``firstresult=True``) ask plugins in ``config/plugins`` order and stop
-at the first answer that is not ``None``. Notification hooks call every plugin and ignore
+at the first answer that is not ``None``. The ``server`` argument of every hook is the
+plugin's own view of the server (:class:`harakapy.Server`): config, ``me``, ``notes``, DNS,
+message submission, its logger and state directory. Notification hooks call every plugin and ignore
 what they return. Implementations may be ``def`` or ``async def`` and may take any subset of
 the arguments, by name. A plugin that raises (or outlives ``[main] plugin_timeout``) in a
 decision hook is logged with its traceback and answered as a temporary failure: never as an
@@ -20,10 +22,10 @@ if TYPE_CHECKING:
     from harakapy.inbound.connection import Connection, Transaction
     from harakapy.outbound.mx import MxHost
     from harakapy.results import Result
-    from harakapy.server import Server
     from harakapy.spool.store import QueuedMessage, QueuedRecipient
     from harakapy.tls.policy import DaneAuthority, Policy
     from harakapy.tls.results import TlsResult
+    from harakapy.view import Server
 
 hookspec = pluggy.HookspecMarker("harakapy")
 
@@ -34,10 +36,12 @@ hookspec = pluggy.HookspecMarker("harakapy")
 def startup(server: Server) -> None:
     """Called once, after the config and plugins are loaded and before any listener opens.
 
-    Check your settings here: raise :class:`~harakapy.config.ConfigError` and
-    ``harakapy run`` prints it and exits non-zero before listening.
+    Check your settings here: raise :class:`~harakapy.ConfigError` and
+    ``harakapy run`` prints it and exits non-zero before listening (or use
+    :func:`~harakapy.checked_config`). Background tasks (``@background``) start after every
+    plugin's ``startup`` passed.
 
-    :param server: Config (``server.config``), ``server.notes`` and ``server.me``.
+    :param server: This plugin's view: ``server.config``, ``server.notes``, ``server.me``.
 
     Every plugin is called; an exception stops the server from starting.
     """
@@ -53,16 +57,17 @@ def config_reload(server: Server) -> None:
     Raise :class:`~harakapy.config.ConfigError` to refuse the new config: the server logs
     why and keeps running on the old one.
 
-    :param server: The server, showing the new config.
+    :param server: This plugin's view, showing the new config.
 
-    Every plugin is called; an exception refuses the reload.
+    Every plugin is called; an exception refuses the reload. Once the new config has taken
+    over, the old plugin set's background tasks are cancelled and the new set's started.
     """
 
 
 @hookspec
 def shutdown(server: Server) -> None:
-    """Called once when the server stops, after the listeners closed and in-flight
-    transactions finished or were cut off.
+    """Called once when the server stops, after the listeners closed, in-flight
+    transactions finished or were cut off, and background tasks were cancelled.
 
     Every plugin is called; exceptions are logged.
     """
