@@ -36,25 +36,73 @@ def _run_loop(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harakapy.config import Config
     from harakapy.server import ListenError, MailServer
+    from harakapy.supervisor import StartError, Supervisor
 
-    logs.setup(args.log_format, args.log_level)
     root = Path(args.config_dir) if args.config_dir else None
+    worker = _worker_slot(args.worker) if args.worker else None
+    logs.setup(args.log_format, args.log_level, worker=worker[0] + 1 if worker else None)
 
-    async def main() -> None:
-        server = MailServer.from_directory(root)
+    async def single(server: MailServer) -> None:
         await server.start()
         await server.serve()
 
+    async def supervised(config: Config, server: MailServer) -> int:
+        options = ["--log-format", args.log_format, "--log-level", args.log_level]
+        return await Supervisor(root, config, server.settings, options).run()
+
     try:
-        _run_loop(main())
+        if worker is not None:
+            _run_loop(_run_worker(args, root, worker))
+            return 0
+        config = Config.load(root)
+        server = MailServer(config)  # checks the config and the plugins before anything runs
+        if server.settings.workers == 1:
+            _run_loop(single(server))
+            return 0
+        return _run_loop(supervised(config, server))
     except ConfigError as exc:
         return _fail(f"config error: {exc}", 2)
-    except ListenError as exc:
-        return _fail(str(exc), 1)
+    except (ListenError, StartError) as exc:
+        code = getattr(exc, "code", 1)
+        return _fail(str(exc), code) if code else 0
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _worker_slot(text: str) -> tuple[int, int]:
+    slot, _, count = text.partition("/")
+    return int(slot), int(count)
+
+
+async def _run_worker(args: argparse.Namespace, root: Path | None,
+                      slot: tuple[int, int]) -> None:
+    """One worker under the supervisor (``harakapy.supervisor``): the listeners it was
+    handed, its slot of the spool, and a line on the ready pipe once it serves."""
+    import os
+    import socket
+
+    from harakapy.config import Config
+    from harakapy.inbound.settings import InboundSettings
+    from harakapy.server import ListenError, MailServer
+    from harakapy.supervisor import die_with_parent
+
+    die_with_parent(args.parent)
+    config = Config.load(root)
+    listen = InboundSettings.from_config(config).listen
+    descriptors = [int(fd) for fd in args.listen_fds.split(",") if fd]
+    if len(descriptors) != len(listen):
+        raise ListenError("the listen addresses changed since the supervisor started; "
+                          "restart harakapy")
+    sockets = {address: socket.socket(fileno=fd)
+               for address, fd in zip(listen, descriptors, strict=True)}
+    server = MailServer(config, slot=slot, sockets=sockets)
+    await server.start()
+    os.write(args.ready_fd, b"ready\n")
+    os.close(args.ready_fd)
+    await server.serve()
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -198,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                      default="info")
+    # How the supervisor starts its workers (harakapy.supervisor); not for people.
+    run.add_argument("--worker", help=argparse.SUPPRESS)
+    run.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    run.add_argument("--listen-fds", default="", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     init = commands.add_parser("init", help="write a working config directory",

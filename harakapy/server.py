@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -26,6 +27,7 @@ from harakapy.dns import Resolver
 from harakapy.inbound.connection import Transaction
 from harakapy.inbound.protocol import SmtpProtocol
 from harakapy.inbound.settings import InboundSettings, ListenAddress, check_me
+from harakapy.locks import ProcessLock
 from harakapy.outbound import control
 from harakapy.outbound.queue import OutboundQueue
 from harakapy.outbound.settings import OutboundSettings
@@ -71,11 +73,19 @@ class MailServer:
     :param config: A loaded config (see :meth:`Config.load`).
     :param clock: Time for the queue's schedules and plugins' tasks (tests pass one they
         move).
+    :param slot: This process's worker slot and the number of workers (``(0, 1)``: the
+        only process); see ``harakapy.supervisor``.
+    :param sockets: Listening sockets opened by the supervisor, by address as configured;
+        ``None`` to open them here.
     :raises ConfigError: when the config or a plugin is wrong.
     """
 
-    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+    def __init__(self, config: Config, *, clock: Clock | None = None,
+                 slot: tuple[int, int] = (0, 1),
+                 sockets: dict[ListenAddress, socket.socket] | None = None) -> None:
         self.clock = clock or Clock()
+        self.slot = slot
+        self._sockets = sockets
         self.notes: dict[str, Any] = {}
         self._state = _build_state(config, self)
         self.connections: set[SmtpProtocol] = set()
@@ -87,6 +97,7 @@ class MailServer:
         self.outbound: OutboundQueue | None = None
         self._control: asyncio.Server | None = None
         self.background = TaskRunner(self.clock, config.state_dir() / "background.lock")
+        self._slot_lock = ProcessLock(config.queue_dir() / f"slot-{slot[0]}.lock")
         self._serving = False
 
     @classmethod
@@ -183,29 +194,55 @@ class MailServer:
                 return SmtpProtocol(self, implicit_tls=implicit)
 
             try:
-                listener = await loop.create_server(
-                    factory, address.host, address.port, reuse_address=True, backlog=1024)
+                if self._sockets is not None:
+                    listener = await loop.create_server(factory, sock=self._sockets[address],
+                                                        backlog=1024)
+                else:
+                    listener = await loop.create_server(
+                        factory, address.host, address.port, reuse_address=True,
+                        backlog=1024)
             except OSError as exc:
                 await self._close_listeners()
                 raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
             bound = listener.sockets[0].getsockname()
             actual = ListenAddress(address.host, bound[1], address.implicit_tls)
             self.listeners.append((actual, listener))
-            log.info("listening on %s%s", actual, " (implicit TLS)" if address.implicit_tls
-                     else "")
+            if self._sockets is None:  # the supervisor says it once for all workers
+                log.info("listening on %s%s", actual, " (implicit TLS)"
+                         if address.implicit_tls else "")
         self._serving = True
-        log.info("harakapy ready as %s with plugins: %s", self.me,
-                 ", ".join(p.name for p in self.plugins.plugins) or "none")
+        plugins = ", ".join(p.name for p in self.plugins.plugins) or "none"
+        if self.slot[1] == 1:
+            log.info("harakapy ready as %s with plugins: %s", self.me, plugins)
+        else:
+            log.info("worker %d of %d ready (pid %d)", self.slot[0] + 1, self.slot[1],
+                     os.getpid())
 
     async def _start_outbound(self) -> None:
         settings = OutboundSettings.from_config(self.config)
         spool = Spool(self.config.queue_dir(), fsync=settings.fsync)
-        self.outbound = OutboundQueue(self, spool, clock=self.clock)
+        try:
+            spool.create()
+            await self._take_slot()
+        except (SpoolError, OSError) as exc:
+            raise ListenError(f"cannot use the spool {spool.root}: {exc}") from exc
+        self.outbound = OutboundQueue(self, spool, clock=self.clock, slot=self.slot)
         try:
             await self.outbound.start()
         except (SpoolError, OSError) as exc:
             raise ListenError(f"cannot use the spool {spool.root}: {exc}") from exc
-        self._control = await control.serve(spool.root, self._control_command)
+        self._control = await control.serve(spool.root, self._control_command,
+                                            slot=self.slot[0])
+
+    async def _take_slot(self) -> None:
+        """Hold this slot's lock: no second process delivers the same messages. A worker
+        started again waits for the one it replaces to have finished exiting."""
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace + 10
+        while not self._slot_lock.try_acquire():
+            if asyncio.get_running_loop().time() > deadline:
+                raise SpoolError(f"another harakapy (pid {self._slot_lock.holder() or '?'})"
+                                 f" is running on it ({self._slot_lock.path} is locked)")
+            await asyncio.sleep(0.1)
 
     def _control_command(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.outbound is not None
@@ -305,9 +342,11 @@ class MailServer:
             await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
         if self._control is not None:
             self._control.close()
-            (self.config.queue_dir() / control.SOCKET_NAME).unlink(missing_ok=True)
+            (self.config.queue_dir() / control.socket_name(self.slot[0])).unlink(
+                missing_ok=True)
         if self.outbound is not None:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
             await self.outbound.stop(grace=remaining)
+        self._slot_lock.release()
         await self.plugins.call_all("shutdown")
         log.info("stopped")

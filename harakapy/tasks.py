@@ -20,16 +20,15 @@ Time comes from the server's clock, so tests move it instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import inspect
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, overload
 
 from harakapy.clock import Clock
+from harakapy.locks import ProcessLock
 
 if TYPE_CHECKING:
     from harakapy.view import Server
@@ -108,42 +107,6 @@ def tasks_of(plugin: str, module: object) -> list[BackgroundTask]:
     return found
 
 
-class InstallationLock:
-    """The exclusive lock that makes one process the runner of the installation's tasks."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def try_acquire(self) -> bool:
-        if self._fd is not None:
-            return True
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            log.error("cannot open %s: %s; background tasks wait", self.path, exc.strerror)
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-
 class TaskRunner:
     """Runs the background tasks of the current plugin set.
 
@@ -153,7 +116,7 @@ class TaskRunner:
 
     def __init__(self, clock: Clock, lock_path: Path) -> None:
         self.clock = clock
-        self.lock = InstallationLock(lock_path)
+        self.lock = ProcessLock(lock_path)
         self._tasks: list[asyncio.Task[None]] = []
         self._standby: asyncio.Task[None] | None = None
         self._current: list[tuple[BackgroundTask, Server]] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -100,12 +101,13 @@ def relay(tmp_path, dns) -> Iterable[Callable[..., Relay]]:
     from 127.0.0.1 (the shipped relay_acl_allow) to dest.test's MX at ``mx_port``."""
     made: list[Relay] = []
 
-    def make(mx_port: int, *, concurrency: int = IN_FLIGHT) -> Relay:
+    def make(mx_port: int, *, concurrency: int = IN_FLIGHT, workers: int = 1) -> Relay:
         root, port = tmp_path / f"relay{len(made) + 1}", free_port()
         write_config_dir(root, {
             "me": "relay.test\n",
             "plugins": "relay\n",
-            "smtp.ini": f"[main]\nlisten = 127.0.0.1:{port}\nshutdown_grace = {GRACE}\n",
+            "smtp.ini": f"[main]\nlisten = 127.0.0.1:{port}\nshutdown_grace = {GRACE}\n"
+                        f"workers = {workers}\n",
             "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dns.port}\ntimeout = 2\n",
             # Durations in plain seconds; a short back-off so retries come within a test.
             "outbound.ini": f"[main]\nport = {mx_port}\nconcurrency = {concurrency}\n"
@@ -291,8 +293,22 @@ def torn(journal: Path) -> str:
 # -- the tests --------------------------------------------------------------------------------
 
 
+def worker_pids(process: ServerProcess) -> dict[int, int]:
+    """Worker number -> the pid of its newest process, from the log."""
+    found = {}
+    for line in process.lines:
+        if (ready := re.search(r"worker (\d+) of \d+ ready \(pid (\d+)\)", line)):
+            found[int(ready[1])] = int(ready[2])
+    return found
+
+
 @pytest.mark.timeout(300)
-async def test_kill_9_while_accepting_and_delivering_loses_no_acknowledged_message(relay):
+@pytest.mark.parametrize("target", ["single", "worker", "supervisor"])
+async def test_kill_9_while_accepting_and_delivering_loses_no_acknowledged_message(
+        relay, target):
+    # single: the only process; worker: one of two workers, which the supervisor starts
+    # again; supervisor: the supervisor of two, whose workers then stop (the kernel tells
+    # them) and a new harakapy is started, as systemd would.
     total, kill_after, budget = 1000, 300, 120.0
     began = time.monotonic()
     mx_port = free_port_on(MX_HOST)
@@ -304,14 +320,18 @@ async def test_kill_9_while_accepting_and_delivering_loses_no_acknowledged_messa
             kill_now.set()
 
     async with ReceivingMTA(MX_HOST, mx_port) as mta:
-        hp = relay(mx_port)
+        hp = relay(mx_port, workers=1 if target == "single" else 2)
         first = await hp.start()
         async with asyncio.TaskGroup() as group:
             group.create_task(send_all(hp.port, range(total), sent, connections=8,
                                        timeout=budget, on_ack=acknowledged))
             await kill_now.wait()
-            first.process.kill()  # SIGKILL: no handler, no flush, no goodbye
-            assert await asyncio.to_thread(first.wait) == -signal.SIGKILL
+            if target == "worker":
+                victim = worker_pids(first)[1]
+                os.kill(victim, signal.SIGKILL)  # no handler, no flush, no goodbye
+            else:
+                first.process.kill()
+                assert await asyncio.to_thread(first.wait) == -signal.SIGKILL
             killed = time.monotonic()
             acked_at_kill, unsure_at_kill = len(sent.acked), sent.unsure()
             arrived_at_kill = len(arrived(mta))
@@ -320,7 +340,14 @@ async def test_kill_9_while_accepting_and_delivering_loses_no_acknowledged_messa
             assert arrived_at_kill > 0 and spooled_at_kill > 0, (arrived_at_kill,
                                                                   spooled_at_kill)
             assert acked_at_kill < total
-            second = await hp.start()
+            if target == "worker":
+                await asyncio.to_thread(first.wait_for, "worker 1 of 2 ready",
+                                        start=len(first.lines))
+                assert worker_pids(first)[1] != victim
+                assert "worker 1 (pid" in first.log and "killed by signal 9" in first.log
+                second = first
+            else:
+                second = await hp.start()
             restarted = time.monotonic()
             # The clients reconnect by themselves and send what they were not told 250 for.
 
@@ -361,7 +388,9 @@ async def test_kill_9_while_accepting_and_delivering_loses_no_acknowledged_messa
     for copy in found:
         assert sent.outcomes[copy] in ("250", "unsure"), (copy, sent.outcomes[copy])
     assert set(range(total)) == set(per_message)
-    assert redelivered <= IN_FLIGHT
+    # A killed worker can repeat its own deliveries in flight; the workers of a killed
+    # supervisor stop in order, and each can repeat what it cut off after the grace.
+    assert redelivered <= IN_FLIGHT * (2 if target == "supervisor" else 1)
     assert resent <= sent.unsure()
 
 

@@ -6,6 +6,7 @@ with ``file:line: [main] key: why`` before anything listens.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class InboundSettings:
     smtputf8: bool
     plugin_timeout: float
     shutdown_grace: float
+    workers: int
 
     @classmethod
     def from_config(cls, config: Config) -> InboundSettings:
@@ -76,7 +78,16 @@ class InboundSettings:
             smtputf8=ini.get_bool("main", "smtputf8", True),
             plugin_timeout=ini.get_float("main", "plugin_timeout", 30.0, minimum=0.01),
             shutdown_grace=ini.get_float("main", "shutdown_grace", 30.0, minimum=0.0),
+            workers=ini.get_int("main", "workers", 0, minimum=0) or _cores(),
         )
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on (a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def check_me(config: Config) -> str | None:

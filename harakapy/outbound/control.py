@@ -1,7 +1,9 @@
-"""The control socket: how ``harakapy queue flush|delete`` reaches a running server.
+"""The control sockets: how ``harakapy queue flush|delete|stats`` reach a running server.
 
-A UNIX socket ``queue/control.sock`` in the spool directory (mode 0600, in a 0700
-directory, so only the spool's owner can steer it), one JSON request line, one JSON answer line.
+Each worker process listens on a UNIX socket in the spool directory, ``queue/control.sock``
+for the first and ``queue/control-<slot>.sock`` for the others (mode 0600, in a 0700
+directory, so only the spool's owner can steer them): one JSON request line, one JSON
+answer line. A command goes to every worker, and their answers are combined.
 """
 
 from __future__ import annotations
@@ -36,9 +38,13 @@ def _short_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-async def serve(spool_dir: Path, handle: Callable[[dict[str, Any]], dict[str, Any]]
-                ) -> asyncio.Server:
-    path = spool_dir / SOCKET_NAME
+def socket_name(slot: int) -> str:
+    return SOCKET_NAME if slot == 0 else f"control-{slot}.sock"
+
+
+async def serve(spool_dir: Path, handle: Callable[[dict[str, Any]], dict[str, Any]], *,
+                slot: int = 0) -> asyncio.Server:
+    path = spool_dir / socket_name(slot)
     path.unlink(missing_ok=True)
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -65,10 +71,29 @@ async def serve(spool_dir: Path, handle: Callable[[dict[str, Any]], dict[str, An
 
 def request(spool_dir: Path, command: dict[str, Any], *, timeout: float = 10.0
             ) -> dict[str, Any] | None:
-    """Send ``command`` to the server running on ``spool_dir``; ``None`` when none runs."""
-    path = spool_dir / SOCKET_NAME
-    if not path.exists():
+    """Send ``command`` to every worker running on ``spool_dir`` and combine their answers
+    (counts added, ``ok`` when any says so, lists joined); ``None`` when none runs."""
+    answers = [answer for path in sorted(spool_dir.glob("control*.sock"))
+               if (answer := _ask(path, command, timeout)) is not None]
+    if not answers:
         return None
+    combined: dict[str, Any] = {}
+    for answer in answers:
+        for key, value in answer.items():
+            old = combined.get(key)
+            if key == "ok":
+                combined[key] = bool(old) or bool(value)
+            elif isinstance(value, bool) or old is None:
+                combined.setdefault(key, value)
+            elif isinstance(value, int | float):
+                combined[key] = old + value
+            elif isinstance(value, list):
+                combined[key] = sorted({*old, *value})
+    combined["workers"] = len(answers)
+    return combined
+
+
+def _ask(path: Path, command: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

@@ -80,13 +80,16 @@ class OutboundQueue:
     :param server: For hooks, ``me`` and settings (see :class:`QueueHost`).
     :param spool: The spool directory.
     :param clock: Where time comes from (tests move it).
+    :param slot: This worker's slot and the number of workers: it delivers only the
+        messages of its slots (rule 6 of ``spool/store.py``); ``(0, 1)`` for all.
     """
 
-    def __init__(self, server: QueueHost, spool: Spool, *,
-                 clock: Clock | None = None) -> None:
+    def __init__(self, server: QueueHost, spool: Spool, *, clock: Clock | None = None,
+                 slot: tuple[int, int] = (0, 1)) -> None:
         self.server = server
         self.spool = spool
         self.clock = clock or Clock()
+        self.slot, self.slots = slot
         self._heap: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._jobs: dict[tuple[str, str], Job] = {}
@@ -141,13 +144,21 @@ class OutboundQueue:
         gc.freeze()
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
+    def owns(self, message: QueuedMessage) -> bool:
+        """Whether this worker delivers ``message``."""
+        return message.slot % self.slots == self.slot
+
     def _recover(self) -> int:
         count = 0
-        for tmp in self.spool.tmp_dir.iterdir():
-            tmp.unlink(missing_ok=True)  # never acknowledged: the client still has it
-        self.spool.remove_orphan_journals()
+        self.spool.remove_unfinished(self.slot, self.slots)
+        if self.slots == 1:
+            # Other workers may be writing journals now; the supervisor clears orphans
+            # before it starts any (harakapy.supervisor).
+            self.spool.remove_orphan_journals()
         for message_id in list(self.spool.ids()):
             try:
+                if self.slots > 1 and self.spool.slot_of(message_id) % self.slots != self.slot:
+                    continue
                 message = self.spool.load(message_id)
             except SpoolError as exc:
                 log.error("skipping unreadable spool entry: %s", exc)
@@ -203,7 +214,7 @@ class OutboundQueue:
         queued = await self._in_thread(
             self.spool.accept, id=id or new_id(), sender=sender, recipients=recipients,
             message=message, smtputf8=smtputf8, body_8bit=body_8bit, client=client,
-            arrival=self.clock.time())
+            arrival=self.clock.time(), slot=self.slot)
         await self.server.plugins.call_all("init_outbound", message=queued)
         domains = queued.domains()
         self._open_domains[queued.id] = set(domains)
@@ -236,7 +247,14 @@ class OutboundQueue:
         return count
 
     def delete(self, message_id: str) -> bool:
-        """Drop a message from the queue and the spool; whether it was there."""
+        """Drop a message of this worker's from the queue and the spool; whether it was
+        here (another worker's message is that worker's to delete)."""
+        if message_id not in self._open_domains:
+            try:
+                if self.spool.slot_of(message_id) % self.slots != self.slot:
+                    return False
+            except SpoolError:
+                return False
         found = False
         for (mid, domain), job in list(self._jobs.items()):
             if mid == message_id:

@@ -8,8 +8,10 @@ Rules:
 3. What happens to recipients is appended to ``log/<id>`` (one JSON object per line) and
    fsynced before anything acts on it; a torn last line (a crash mid-append) is ignored.
 4. When every recipient is delivered or bounced, ``msg/<id>`` goes first, then the log.
-5. Only startup reads the whole spool (:meth:`Spool.recover`); a delivery reads its own
-   message.
+5. Only startup reads the whole spool; a delivery reads its own message.
+6. Every message belongs to one *slot*, the worker process that accepted it (``slot`` in
+   its envelope); only the worker of that slot delivers it or removes it. With ``n``
+   workers, worker ``k`` owns the slots ``s`` with ``s % n == k``.
 
 This module knows files, fsync and the record formats. It does not know SMTP or schedules.
 """
@@ -181,6 +183,7 @@ class QueuedMessage:
     smtputf8: bool = False
     body_8bit: bool = False
     client: str = ""
+    slot: int = 0
     path: Path | None = None
     body_offset: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
@@ -311,6 +314,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def tmp_name(slot: int, message_id: str) -> str:
+    """A message's name in ``tmp/`` while it is written: ``<slot>.<id>``, so that a worker
+    starting again clears only its own slot's unfinished writes, never another worker's
+    write in progress."""
+    return f"{slot}.{message_id}"
+
+
 class Spool:
     """The spool directory.
 
@@ -338,21 +348,22 @@ class Spool:
 
     def accept(self, *, id: str, sender: str, recipients: list[str], message: bytes,
                smtputf8: bool = False, body_8bit: bool = False, client: str = "",
-               arrival: float | None = None) -> QueuedMessage:
+               arrival: float | None = None, slot: int = 0) -> QueuedMessage:
         """Store a message durably; when this returns, it survives ``kill -9``.
 
         :param recipients: Forward paths (``local@domain``), in order.
+        :param slot: The worker that owns it (delivers it); see :func:`tmp_name`.
         :raises SpoolError: when it could not be stored (the client must hear 4xx).
         """
         arrival = time.time() if arrival is None else arrival
         envelope = {
             "v": 1, "id": id, "sender": sender, "recipients": recipients,
             "arrival": arrival, "size": len(message), "smtputf8": smtputf8,
-            "body_8bit": body_8bit, "client": client,
+            "body_8bit": body_8bit, "client": client, "slot": slot,
         }
         head = json.dumps(envelope, ensure_ascii=False).encode() + b"\n"
         final = self.msg_dir / id
-        tmp = os.path.join(self.tmp_dir, id)
+        tmp = os.path.join(self.tmp_dir, tmp_name(slot, id))
         try:
             if os.path.exists(final):
                 raise SpoolError(f"{id} is already in the spool")
@@ -374,7 +385,7 @@ class Spool:
             id=id, sender=sender,
             recipients=[QueuedRecipient(r, r.rpartition("@")[2].lower()) for r in recipients],
             arrival=arrival, size=len(message), smtputf8=smtputf8, body_8bit=body_8bit,
-            client=client, path=final, body_offset=len(head))
+            client=client, slot=slot, path=final, body_offset=len(head))
 
     def record(self, message_id: str, event: JournalEvent, *,
                durable: bool = True) -> JournalEvent:
@@ -411,6 +422,19 @@ class Spool:
 
     # -- reading ------------------------------------------------------------------------
 
+    def remove_unfinished(self, slot: int, slots: int) -> int:
+        """Delete the half-written messages of the workers ``slot`` stands for (never
+        acknowledged: their clients still have them); how many. A worker's start only."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.tmp_dir) as entries:
+            for entry in entries:
+                owner, _, _ = entry.name.partition(".")
+                if not owner.isdigit() or int(owner) % slots == slot:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                    removed += 1
+        return removed
+
     def remove_orphan_journals(self) -> int:
         """Delete journals whose message is gone (a crash between the two unlinks of
         :meth:`remove`); how many. Startup only."""
@@ -433,6 +457,21 @@ class Spool:
         except FileNotFoundError:
             return
 
+    def slot_of(self, message_id: str) -> int:
+        """The slot of a message (its envelope only; see rule 6).
+
+        :raises SpoolError: no such message, or its envelope is unreadable.
+        """
+        path = self.msg_dir / message_id
+        try:
+            return int(json.loads(_first_line(path, 1 << 20)).get("slot", 0))
+        except FileNotFoundError:
+            raise SpoolError(f"no message {message_id} in {self.msg_dir}") from None
+        except OSError as exc:
+            raise SpoolError(f"cannot read {path}: {exc.strerror}") from exc
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise SpoolError(f"{path}: corrupt envelope ({exc})") from exc
+
     def load(self, message_id: str) -> QueuedMessage:
         """The message's envelope with its journal applied.
 
@@ -454,7 +493,7 @@ class Spool:
                 arrival=float(envelope["arrival"]), size=int(envelope["size"]),
                 smtputf8=bool(envelope.get("smtputf8")),
                 body_8bit=bool(envelope.get("body_8bit")), client=envelope.get("client", ""),
-                path=path, body_offset=len(head))
+                slot=int(envelope.get("slot", 0)), path=path, body_offset=len(head))
         except (ValueError, KeyError, TypeError) as exc:
             raise SpoolError(f"{path}: corrupt envelope ({exc})") from exc
         self._apply_log(message)
