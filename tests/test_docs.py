@@ -1,7 +1,7 @@
-"""The user docs against the code: every hook, shipped plugin, config key and command is
-documented, every link leads somewhere, the example plugins in docs/plugins.md and
-docs/outbound.md run against the real server, and the retry schedule worked through in
-docs/outbound.md is the one the queue computes.
+"""The user docs against the code: every hook, public name, shipped plugin, config key and
+command is documented, every link leads somewhere, the example plugins in docs/plugins.md,
+docs/hooks.md, docs/tls-policy.md and docs/outbound.md run against the real server, and
+the retry schedule worked through in docs/outbound.md is the one the queue computes.
 
 As datasette's test_docs.py: a hook added without its docs, or docs left behind by a
 renamed key, fails here rather than misleading an operator.
@@ -10,21 +10,34 @@ renamed key, fails here rather than misleading an operator.
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 import logging
 import re
 import shlex
+import sqlite3
+import stat
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from harakapy import hookspecs, shipped
+import harakapy
+from harakapy import Level, QueuedMessage, hookspecs, shipped
 from harakapy.cli import build_parser
 from harakapy.config import Config, ConfigError, IniFile
 from harakapy.outbound.settings import OutboundSettings
+from harakapy.outbound.tls_policy import find_policy
 from harakapy.plugins import PluginManager
 from harakapy.server import MailServer
-from tests.harness import RawClient, eventually, running_server, sendmail, write_config_dir
+from tests.harness import (
+    ManualClock,
+    RawClient,
+    eventually,
+    running_server,
+    sendmail,
+    write_config_dir,
+)
 from tests.servers import ReceivingMTA
 from tests.test_outbound import free_port_on_all
 
@@ -34,6 +47,7 @@ HOOKS_MD = DOCS / "hooks.md"
 CONFIG_MD = DOCS / "config.md"
 PLUGINS_MD = DOCS / "plugins.md"
 OUTBOUND_MD = DOCS / "outbound.md"
+TLS_POLICY_MD = DOCS / "tls-policy.md"
 
 _FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.M | re.S)
 _HEADING = re.compile(r"^(#{1,6}) (.+)$", re.M)
@@ -108,6 +122,27 @@ def test_hooks_md_documents_no_hook_that_does_not_exist():
     known = set(hookspec_functions())
     documented = re.findall(r"^### (\w+)\(", HOOKS_MD.read_text(), re.M)
     assert set(documented) <= known, f"stale hooks in docs/hooks.md: {set(documented) - known}"
+
+
+def public_api_rows() -> list[str]:
+    """The names in the tables of docs/hooks.md's "The public API" section."""
+    body = sections(HOOKS_MD.read_text()).get("The public API")
+    assert body is not None, "docs/hooks.md has no '## The public API' section"
+    return re.findall(r"^\| `([^`]+)` \|", body, re.M)
+
+
+@pytest.mark.parametrize("name", sorted(harakapy.__all__))
+def test_every_public_name_is_in_the_public_api_section(name):
+    assert name in public_api_rows(), (
+        f"harakapy.{name} is in __all__ but has no row '| `{name}` | ... |' in "
+        f"docs/hooks.md's 'The public API' section")
+
+
+def test_the_public_api_section_lists_only_public_names_once_each():
+    rows = public_api_rows()
+    assert sorted(set(rows) - set(harakapy.__all__)) == [], (
+        "docs/hooks.md lists names that are not in harakapy.__all__")
+    assert len(rows) == len(set(rows)), "a name is listed twice in 'The public API'"
 
 
 # -- (2) shipped plugins ----------------------------------------------------------------
@@ -187,18 +222,23 @@ def test_every_ini_section_is_documented(name):
 # -- (4) the example plugin ---------------------------------------------------------------
 
 
-def marked_example(page: Path, marker: str) -> tuple[str, str]:
-    """The ``(name, source)`` of the plugin in the ```python block right after
-    ``<!-- example: MARKER -->`` on ``page``; the name is its docstring's first word, and
-    the page must say which file it goes in."""
+def marked_block(page: Path, comment: str) -> str:
+    """The body of the ```python block right after the HTML comment ``comment``."""
     text = page.read_text()
-    comment = f"<!-- example: {marker} -->"
     assert comment in text, f"{page.name} has no {comment}"
     after = text[text.index(comment) + len(comment):]
     match = _FENCE.match(after.lstrip("\n"))
     assert match is not None and match.group(1) == "python", (
         f"{page.name}: {comment} must be followed directly by a ```python block")
-    source = match.group(2)
+    return match.group(2)
+
+
+def marked_example(page: Path, marker: str) -> tuple[str, str]:
+    """The ``(name, source)`` of the plugin in the ```python block right after
+    ``<!-- example: MARKER -->`` on ``page``; the name is its docstring's first word, and
+    the page must say which file it goes in."""
+    text = page.read_text()
+    source = marked_block(page, f"<!-- example: {marker} -->")
     docstring = ast.get_docstring(ast.parse(source))
     assert docstring, f"{page.name}: the {marker} example needs a module docstring naming it"
     name = docstring.split(":", 1)[0].strip()
@@ -211,9 +251,10 @@ def example_plugin() -> tuple[str, str]:
     return marked_example(PLUGINS_MD, "plugin")
 
 
-def example_dialogue() -> list[tuple[str, int, str]]:
-    """The 'On the wire' block as ``(command, code, text)``."""
-    lines = block_after(PLUGINS_MD.read_text(), "On the wire").strip().splitlines()
+def example_dialogue(marker: str = "On the wire") -> list[tuple[str, int, str]]:
+    """The dialogue block after ``marker`` in docs/plugins.md as ``(command, code,
+    text)``: command and reply lines, alternating."""
+    lines = block_after(PLUGINS_MD.read_text(), marker).strip().splitlines()
     steps = []
     for command, reply in zip(lines[::2], lines[1::2], strict=True):
         code, text = reply.split(" ", 1)
@@ -227,7 +268,7 @@ def example_dir(tmp_path):
     name, source = example_plugin()
     return write_config_dir(
         tmp_path / "example",
-        {"plugins": block_after(text, "`DIR/config/plugins`, with the new plugin"),
+        {"plugins": block_after(text, "`DIR/config/plugins`, with the new plugin before"),
          "blocked_recipients": block_after(text, "`DIR/config/blocked_recipients`"),
          "host_list": "example.com\n",
          # 127.0.0.1 must not relay here: the plugin alone has to refuse.
@@ -286,17 +327,282 @@ async def test_example_plugin_bad_line_on_reload_keeps_the_old_list(example_dir)
         assert (code, text[:5]) == (550, "5.1.1")
 
 
+# -- (4b) the first plugin of docs/plugins.md: at most 15 lines, and it works -------------
+
+FIRST_PLUGIN_MAX_LINES = 15
+
+
+def first_plugin() -> tuple[str, str]:
+    return marked_example(PLUGINS_MD, "first")
+
+
+def test_the_first_plugin_is_at_most_15_lines():
+    # The promise of docs/plugins.md: a working plugin in 15 lines or fewer, every line
+    # counted (docstring and blank lines too).
+    _, source = first_plugin()
+    lines = source.splitlines()
+    assert len(lines) <= FIRST_PLUGIN_MAX_LINES, (
+        f"the first plugin of docs/plugins.md has {len(lines)} lines")
+    assert "@hookimpl" in source and "checked_config(" in source
+
+
+@pytest.fixture
+def first_plugin_dir(tmp_path):
+    text = PLUGINS_MD.read_text()
+    name, source = first_plugin()
+    plugins = block_after(text, "`DIR/config/plugins`, with the new plugin in place of")
+    return write_config_dir(
+        tmp_path / "first",
+        {"plugins": plugins + "queue/discard\n",  # so that accepted mail is taken
+         "mailboxes": block_after(text, "`DIR/config/mailboxes`"),
+         # 127.0.0.1 must not relay here: the relay plugin would accept every recipient.
+         "relay_acl_allow": "192.0.2.0/24\n"},
+        {name: source})
+
+
+async def test_the_first_plugin_accepts_its_mailboxes_and_nobody_else(first_plugin_dir):
+    name, _ = first_plugin()
+    steps = example_dialogue("a client that does not relay hears")
+    assert [code for _, code, _ in steps] == [250, 550]
+    async with running_server(first_plugin_dir) as hp:
+        assert name in [plugin.name for plugin in hp.server.plugins.plugins]
+        client = await RawClient.connect(hp.port)
+        try:
+            assert (await client.reply())[0] == 220
+            assert (await client.command("EHLO client.test"))[0] == 250
+            assert await client.command("MAIL FROM:<sender@client.test>") == (250, "2.1.0 Ok")
+            for command, code, text in steps:
+                assert await client.command(command) == (code, text), command
+            await client.command("QUIT")
+        finally:
+            await client.close()
+
+        # A whole message, as a client sends it: the listed mailbox gets it, the other
+        # address is refused, and the message is queued for the one accepted.
+        refused = await sendmail(hp.port, "sender@client.test",
+                                 ["Bob@example.com", "mallory@example.com"],
+                                 b"Subject: first plugin\r\n\r\nhello\r\n")
+        assert refused == {"mallory@example.com": (550, b"5.7.1 Relaying denied")}
+
+        # SIGHUP reads the list again: checked_config builds it for the new config.
+        (first_plugin_dir / "config" / "mailboxes").write_text("mallory@example.com\n")
+        assert await hp.server.reload()
+        refused = await sendmail(hp.port, "sender@client.test",
+                                 ["alice@example.com", "mallory@example.com"],
+                                 b"Subject: after the reload\r\n\r\nhello\r\n")
+        assert refused == {"alice@example.com": (550, b"5.7.1 Relaying denied")}
+
+
+# -- (4c) docs/plugins.md: the state folder, a background task, server.submit -------------
+
+
+class WatchedClock(ManualClock):
+    """A :class:`ManualClock` that also records who waits on it, so that a test moves time
+    only once the task it means to wake is asleep (a wake-up before that would be lost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[tuple[str, float]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        self.waits.append((task.get_name() if task else "", seconds))
+        await super().sleep(seconds)
+
+    def waits_of(self, task_name: str) -> int:
+        return sum(1 for name, _ in self.waits if name == task_name)
+
+
+def greylist_plugin() -> tuple[str, str]:
+    return marked_example(PLUGINS_MD, "greylist")
+
+
+def test_the_background_task_shown_is_the_greylist_plugins_own():
+    # docs/plugins.md shows the prune task twice: in the whole plugin, and under
+    # "Background tasks". They must not drift apart.
+    _, source = greylist_plugin()
+    excerpt = marked_block(PLUGINS_MD, "<!-- excerpt: greylist -->")
+    assert excerpt in source
+
+
+def greylist_rows(root: Path) -> list[tuple[str, str, str]]:
+    path = root / "state" / "rcpt_to.greylist" / "greylist.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT ip, sender, recipient FROM triples").fetchall()
+
+
+async def rcpt_after_mail(port: int, recipient: str) -> tuple[int, str]:
+    client = await RawClient.connect(port)
+    try:
+        await client.reply()
+        await client.command("EHLO client.test")
+        assert await client.command("MAIL FROM:<sender@client.test>") == (250, "2.1.0 Ok")
+        return await client.command(f"RCPT TO:<{recipient}>")
+    finally:
+        await client.close()
+
+
+async def test_greylist_keeps_triples_in_its_state_folder_and_prunes_them(tmp_path, caplog):
+    text = PLUGINS_MD.read_text()
+    name, source = greylist_plugin()
+    ini = block_after(text, "`DIR/config/greylist.ini`")
+    delay = IniFile.parse(Path("greylist.ini"), ini).get_float("main", "delay")
+    root = write_config_dir(tmp_path / "greylist", {
+        "plugins": block_after(text, "`DIR/config/plugins`, with the plugin before"),
+        "greylist.ini": ini,
+        "host_list": "example.com\n",
+        "relay_acl_allow": "192.0.2.0/24\n",  # 127.0.0.1 is an outside client here
+    }, {name: source})
+    first, retry = example_dialogue("at its first attempt and again six minutes later")
+    assert (first[1], retry[1]) == (451, 250) and first[0] == retry[0]
+    assert delay < 360  # "six minutes later" is after the delay
+    caplog.set_level(logging.INFO, logger=f"harakapy.plugin.{name}")
+    clock = WatchedClock()
+    prune = f"{name}.prune"
+    async with running_server(root, clock=clock) as hp:
+        assert hp.server.background.running == [prune]
+        # The first run (right after startup) is over once the task waits for the next.
+        await eventually(lambda: clock.waits_of(prune) == 1)
+        assert (prune, 3600) in clock.waits  # every=3600
+
+        client = await RawClient.connect(hp.port)
+        try:
+            await client.reply()
+            await client.command("EHLO client.test")
+            await client.command("MAIL FROM:<sender@client.test>")
+            assert await client.command(first[0]) == (first[1], first[2])
+            folder = root / "state" / name
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+            assert greylist_rows(root) == [("127.0.0.1", "sender@client.test",
+                                            "alice@example.com")]
+            clock.advance(360)
+            assert await client.command(retry[0]) == (retry[1], retry[2])
+        finally:
+            await client.close()
+
+    # The triple is on disk, so a restarted server still lets it through.
+    async with running_server(root, clock=clock) as hp:
+        await eventually(lambda: clock.waits_of(prune) == 2)
+        assert await rcpt_after_mail(hp.port, "alice@example.com") == (250, "2.1.5 Ok")
+        assert not any("forgot" in r.getMessage() for r in caplog.records)
+
+        # 36 days without an attempt: the hourly run forgets the triple, and its next
+        # attempt is greylisted again.
+        clock.advance(36 * 86400 + 3600)
+        await eventually(lambda: clock.waits_of(prune) == 3)
+        assert [r.getMessage() for r in caplog.records if r.name == f"harakapy.plugin.{name}"
+                ] == ["forgot 1 triples not seen for 36 days"]
+        assert greylist_rows(root) == []
+        assert await rcpt_after_mail(hp.port, "alice@example.com") == (first[1], first[2])
+
+
+ROUTE_PLUGIN = '''
+from harakapy import hookimpl
+
+
+@hookimpl
+def get_mx(server):
+    return server.config.value("route")  # every domain, to the test's receiving server
+'''
+
+
+async def test_the_submit_example_mails_the_postmaster_of_each_bounce(config_dir, caplog):
+    name, source = marked_example(PLUGINS_MD, "submit")
+    caplog.set_level(logging.INFO, logger=f"harakapy.plugin.{name}")
+    port = free_port_on_all()
+    root = config_dir({
+        "me": "mx.harakapy.test\n",
+        "plugins": f"relay\nroute\n{name}\n",
+        "route": f"127.0.0.2:{port}\n",
+        # No DNS at all: the route is the only next hop.
+        "dns.ini": "[main]\nnameservers = 127.0.0.1\nport = 9\ntimeout = 0.5\n",
+    }, {name: source, "route": ROUTE_PLUGIN})
+    refuse = {"gone@else.test": "550 5.1.1 no such user"}
+    async with (ReceivingMTA("127.0.0.2", port, rcpt_reply=refuse.get) as mta,
+                running_server(root) as hp):
+        await sendmail(hp.port, "alice@client.test", ["gone@else.test"],
+                       b"Subject: to nobody\r\n\r\nhello\r\n")
+
+        def received(recipient: str) -> list:
+            return [m for m in mta.messages if m.recipients == [recipient]]
+
+        await eventually(lambda: received("alice@client.test")
+                         and received("postmaster@mx.harakapy.test"))
+        (dsn,) = received("alice@client.test")
+        assert b"Final-Recipient: rfc822; gone@else.test" in dsn.data
+        (notice,) = received("postmaster@mx.harakapy.test")
+        assert notice.sender == "<>"
+        assert b"\r\nSubject: Undelivered mail: " in notice.data
+        assert b"from <alice@client.test>" in notice.data
+        assert b"  <gone@else.test>\r\n" in notice.data
+        assert b"\r\nDate: " in notice.data and b"\r\nMessage-ID: <" in notice.data
+    logged = [r.getMessage() for r in caplog.records if r.name == f"harakapy.plugin.{name}"]
+    assert len(logged) == 1 and "notice to postmaster@mx.harakapy.test queued as" in logged[0]
+
+
+# -- docs/hooks.md: the background task example ----------------------------------------
+
+
+async def test_hooks_md_background_example_logs_the_hourly_count(config_dir, caplog):
+    source = block_after(HOOKS_MD.read_text(), "counts the messages that reach the `queue` hook")
+    caplog.set_level(logging.INFO, logger="harakapy.plugin.stats")
+    clock = WatchedClock()
+    # Local mail (127.0.0.1 does not relay here) to example.com reaches the queue hook:
+    # stats counts it, then queue/discard takes it.
+    root = config_dir({"plugins": "rcpt_to.in_host_list\nstats\nqueue/discard\n",
+                       "host_list": "example.com\n", "relay_acl_allow": "192.0.2.0/24\n"},
+                      {"stats": source})
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "harakapy.plugin.stats"]
+
+    async with running_server(root, clock=clock) as hp:
+        await eventually(lambda: clock.waits_of("stats.hourly_count") == 1)
+        assert lines() == ["0 messages reached the queue hook in the last hour"]
+        for _ in range(2):
+            await sendmail(hp.port, "a@client.test", ["b@example.com"], b"\r\nhello\r\n")
+        clock.advance(3600)
+        await eventually(lambda: clock.waits_of("stats.hourly_count") == 2)
+        assert lines()[1:] == ["2 messages reached the queue hook in the last hour"]
+
+
+# -- docs/tls-policy.md: a policy plugin that strengthens the others' ------------------------
+
+
+async def test_tls_policy_md_stricter_plugin_asks_the_plugins_after_it(config_dir):
+    source = block_after(TLS_POLICY_MD.read_text(),
+                         "A plugin can make the others' answer stricter")
+    root = config_dir({"plugins": "payroll_tls\ntls_require\n",
+                       "tls_policy": "example.com encrypt\n"}, {"payroll_tls": source})
+    server = MailServer(Config.load(root))
+    await server.prepare()  # as harakapy tls-policy does: plugins ready, no listener
+
+    async def policy(sender: str):
+        message = QueuedMessage(id="1", sender=sender, recipients=[], arrival=0.0, size=0)
+        return await find_policy(server.plugins, server.config, "example.com", [],
+                                 routed=False, message=message)
+
+    payroll, other = await policy("payroll@corp.test"), await policy("alice@corp.test")
+    assert (other.level, other.decided_by) == (Level.ENCRYPT, "tls_require")
+    assert payroll.level == Level.VERIFY
+    assert payroll.decided_by == "payroll_tls"
+    assert payroll.reason.startswith("payroll mail: at least verify; config/tls_policy:1")
+
+
+
 # -- every python example that defines hooks loads as a plugin ------------------------------
 
 
 def hook_examples() -> list[tuple[str, int, str]]:
-    """Every ```python block with a ``@hookimpl`` on every page (hooks.md, plugins.md,
-    outbound.md, the plugin pages, the README)."""
+    """Every ```python block on every page (hooks.md, plugins.md, outbound.md, the plugin
+    pages, the README) that imports from harakapy and defines a hook, with ``@hookimpl``
+    or ``checked_config``. Excerpts of a plugin shown elsewhere whole import nothing."""
     out = []
     for page in doc_files():
         name = page.relative_to(ROOT).as_posix()
         for number, (language, body) in enumerate(fenced_blocks(page.read_text())):
-            if language == "python" and "@hookimpl" in body:
+            if (language == "python" and "from harakapy import" in body
+                    and ("@hookimpl" in body or "checked_config(" in body)):
                 out.append((name, number, body))
     return out
 
