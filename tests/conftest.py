@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 import trustme
 
 from tests.harness import write_config_dir
+from tests.outbound_env import EnvFactory, start_tls_env
 
 
 @pytest.fixture
@@ -39,3 +42,19 @@ def server_cert(tls_ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path]:
         with cert.open("ab") as handle:
             handle.write(extra.bytes())
     return key, cert
+
+
+@pytest.fixture
+async def outbound_env(config_dir, tmp_path):
+    """An outbound test's world: ``env = await outbound_env(zone, files=..., plugins=...)``
+    starts a DNS server for the zone and harakapy pointed at it; ``await env.mta(host)`` a
+    receiving server (tests/outbound_env.py). Everything stops with the test."""
+    async with AsyncExitStack() as stack:
+        yield EnvFactory(stack, config_dir, tmp_path)
+
+
+@pytest.fixture
+def tls_env(outbound_env):
+    """``env = await tls_env("good.test verify\\n", tls_pin=..., plugins=...)``: the
+    outbound world of the TLS policy tests (tests/outbound_env.py, ``start_tls_env``)."""
+    return functools.partial(start_tls_env, outbound_env)

@@ -38,8 +38,8 @@ from tests.harness import (
     sendmail,
     write_config_dir,
 )
+from tests.outbound_env import free_port_on_all
 from tests.servers import ReceivingMTA
-from tests.test_outbound import free_port_on_all
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -3,16 +3,12 @@ MX records from a real DNS server on loopback and time moved by the test."""
 
 from __future__ import annotations
 
-import asyncio
 import email
-import socket
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
 
 import pytest
 
-from tests.dns_server import DnsServer
-from tests.harness import ManualClock, Running, eventually, running_server, sendmail
+from tests.harness import eventually
+from tests.outbound_env import Env
 from tests.servers import ReceivingMTA
 
 ZONE = """
@@ -35,66 +31,22 @@ ghost.noaddr.test. TXT "no address here"
 """
 
 
-def free_port_on_all(lasts: tuple[int, ...] = (3, 4, 5)) -> int:
-    """A port free on 127.0.0.2 and on 127.0.0.<each of lasts>."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.2", 0))
-            port = probe.getsockname()[1]
-        try:
-            for last in lasts:
-                with socket.socket() as other:
-                    other.bind((f"127.0.0.{last}", port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no common free port")
-
-
-@dataclass
-class Env:
-    hp: Running
-    dns: DnsServer
-    clock: ManualClock
-    port: int
-    stack: AsyncExitStack
-
-    async def mta(self, host: str, **options) -> ReceivingMTA:
-        return await self.stack.enter_async_context(ReceivingMTA(host, self.port, **options))
-
-    async def send(self, recipients: list[str], body: bytes = b"Subject: t\r\n\r\nhello\r\n",
-                   sender: str = "alice@sender.test", utf8: bool = False) -> None:
-        await sendmail(self.hp.port, sender, recipients, body,
-                       mail_options=("SMTPUTF8",) if utf8 else ())
-
-    def spooled(self) -> list[str]:
-        return sorted(p.name for p in (self.hp.root / "queue" / "msg").iterdir())
-
-    def deferral_recorded(self) -> bool:
-        journals = (self.hp.root / "queue" / "log").glob("*")
-        return any(b'"deferred"' in journal.read_bytes() for journal in journals)
-
-    async def advance(self, seconds: float) -> None:
-        self.clock.advance(seconds)
-
-
 @pytest.fixture
-async def env(config_dir):
-    dns = await DnsServer(ZONE).start()
-    dns.servfail.add("flaky.test")
-    port = free_port_on_all()
-    root = config_dir({
-        "me": "harakapy.test\n",
-        "plugins": "relay\n",
-        "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dns.port}\ntimeout = 1\n",
-        "outbound.ini": f"[main]\nport = {port}\nmin_backoff = 60\nmax_backoff = 600\n"
-                        "max_queue_lifetime = 1h\nconnect_timeout = 2\ncommand_timeout = 5\n",
-    })
-    clock = ManualClock()
-    async with AsyncExitStack() as stack:
-        hp = await stack.enter_async_context(running_server(root, clock=clock))
-        yield Env(hp, dns, clock, port, stack)
-    dns.close()
+async def env(outbound_env):
+    return await outbound_env(ZONE, servfail={"flaky.test"})
+
+
+async def all_due_attempted(env: Env, probe: ReceivingMTA) -> None:
+    """Send a message to other.test (``probe`` on 127.0.0.5 takes it) and wait until it is
+    delivered and nothing else is in flight.
+
+    One pass of the queue runner starts every job that is due, so a job that was due when
+    this message was queued has by then been attempted to the end: what it would have done
+    shows on the receiving servers and in the spool.
+    """
+    await env.send(["probe@other.test"])
+    await eventually(lambda: any(m.recipients == ["probe@other.test"] for m in probe.messages)
+                     and env.hp.server.outbound.stats()["active"] == 0)
 
 
 def dsn_of(received) -> email.message.Message:
@@ -141,6 +93,7 @@ async def test_partial_recipient_failure(env):
     assert "Status: 5.1.1" in text and "Action: failed" in text
     assert "temp@dest.test" not in text
     await eventually(lambda: len(env.spooled()) == 1)  # temp@ still queued; the DSN went
+    await eventually(env.deferral_recorded)  # its retry is scheduled: the clock may move
     # The deferred recipient succeeds on the retry: delivered once, nothing else re-sent.
     rules.pop("temp@dest.test")
     await env.advance(61)
@@ -155,11 +108,13 @@ async def test_temporary_failure_then_success_on_retry_delivers_once(env):
     mx1 = await env.mta("127.0.0.2", data_reply=lambda: replies.pop() if replies else None)
     await env.send(["bob@dest.test"])
     await eventually(lambda: mx1.connections >= 1 and not replies)
+    await eventually(env.deferral_recorded)  # its retry is scheduled: the clock may move
     queued = env.spooled()
     assert len(queued) == 1
     assert mx1.messages == []
     await env.advance(30)  # not yet due
-    assert mx1.messages == []
+    await all_due_attempted(env, await env.mta("127.0.0.5"))
+    assert mx1.messages == [] and env.deferrals() == 1
     await env.advance(31)
     await eventually(lambda: len(mx1.messages) == 1)
     await eventually(lambda: env.spooled() == [])
@@ -179,19 +134,20 @@ async def test_nxdomain_bounces_and_servfail_defers(env):
     await eventually(lambda: sender_mx.messages)
     assert "Status: 5.1.2" in sender_mx.messages[0].data.decode()
     await env.send(["x@flaky.test"])
-    await eventually(lambda: any(q[0] == "flaky.test" for q in env.dns.queries))
-    await eventually(lambda: len(env.spooled()) == 1)
-    assert len(sender_mx.messages) == 1  # deferred, not bounced
+    await eventually(env.deferral_recorded)  # the attempt's outcome: deferred, not bounced
+    assert any(q[0] == "flaky.test" for q in env.dns.queries)
+    await eventually(lambda: len(env.spooled()) == 1)  # the first DSN has gone
+    assert len(sender_mx.messages) == 1
 
 
 async def test_expiry_bounces_with_the_last_error(env):
     sender_mx = await env.mta("127.0.0.4")
+    arrival = env.clock.now
     await env.send(["bob@dest.test"])  # no MX listens: deferred
-    await eventually(lambda: len(env.spooled()) == 1)
-    for _ in range(12):  # past the 1h lifetime in back-off steps
-        await env.advance(600)
-        await eventually(lambda: True)
-    await eventually(lambda: sender_mx.messages, timeout=20)
+    await eventually(env.deferral_recorded)
+    while env.clock.now - arrival < 3600:  # retry after retry, past the 1h lifetime
+        await env.retry()
+    await eventually(lambda: sender_mx.messages)  # the attempt past it bounced
     text = sender_mx.messages[0].data.decode()
     assert "Status: 5.4.7" in text and "delivery time expired" in text
     await eventually(lambda: env.spooled() == [])
@@ -302,32 +258,17 @@ def get_mx(domain):
 
 
 @pytest.fixture
-async def hooked(config_dir):
-    dns = await DnsServer(ZONE).start()
-    port = free_port_on_all()
+def hooked(outbound_env):
+    """``await hooked(mode)``: harakapy with the recorder plugin; ``mode`` is its
+    ``config/bounce_mode``. Retries back off to an hour; warn after 30 minutes."""
 
-    async def start(mode: str = ""):
-        root = config_dir({
-            "me": "harakapy.test\n", "plugins": "relay\nrecorder\n", "bounce_mode": mode,
-            "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dns.port}\ntimeout = 1\n",
-            "outbound.ini": f"[main]\nport = {port}\nmin_backoff = 60\nconnect_timeout = 2\n"
-                            "delay_warning = 30m\n",
-        }, {"recorder": HOOK_RECORDER})
-        clock = ManualClock()
-        stack = AsyncExitStack()
-        hp = await stack.enter_async_context(running_server(root, clock=clock))
-        return Env(hp, dns, clock, port, stack)
+    async def make(mode: str = "") -> Env:
+        return await outbound_env(
+            ZONE, plugins="relay\nrecorder\n", files={"bounce_mode": mode},
+            plugin_files={"recorder": HOOK_RECORDER},
+            outbound_ini="min_backoff = 60\nconnect_timeout = 2\ndelay_warning = 30m\n")
 
-    envs = []
-
-    async def make(mode: str = ""):
-        envs.append(await start(mode))
-        return envs[-1]
-
-    yield make
-    for one in envs:
-        await one.stack.aclose()
-    dns.close()
+    return make
 
 
 async def test_outbound_hooks_see_each_outcome(hooked):
@@ -368,14 +309,17 @@ async def test_bounce_hook_can_suppress_or_rewrite(hooked, mode):
 async def test_delay_warning_is_sent_once(hooked):
     env = await hooked()
     sender_mx = await env.mta("127.0.0.4")
+    arrival = env.clock.now
     await env.send(["bob@dest.test"])  # no MX listens: deferred again and again
+    await eventually(env.deferral_recorded)
+    while env.clock.now - arrival < 30 * 60:
+        await env.retry()
+    await eventually(lambda: sender_mx.messages)  # warned at the first attempt past 30 min
+    # Two more deferrals. The second attempt starts only once the first's outcome is dealt
+    # with, so a second warning from the first would be queued by now, and then delivered.
+    await env.retry()
+    await env.retry()
     await eventually(lambda: len(env.spooled()) == 1)
-    for _ in range(6):
-        await env.advance(600)
-        await eventually(lambda: True)
-        await asyncio.sleep(0.05)
-    await eventually(lambda: sender_mx.messages)
-    await asyncio.sleep(0.2)
     assert len(sender_mx.messages) == 1
     text = sender_mx.messages[0].data.decode()
     assert "Action: delayed" in text and "Will-Retry-Until:" in text
@@ -420,10 +364,6 @@ async def test_hosts_without_addresses_bounce(env):
     assert "Status: 5.4.4" in sender_mx.messages[0].data.decode()
 
 
-def journals(env) -> int:
-    return len(list((env.hp.root / "queue" / "log").glob("*")))
-
-
 async def test_a_destination_no_host_answers_is_suspended_until_its_retry(env):
     # As Postfix's "delivery temporarily suspended": once neither MX of dest.test
     # answers, later mail for it waits for that retry instead of knocking again.
@@ -432,8 +372,8 @@ async def test_a_destination_no_host_answers_is_suspended_until_its_retry(env):
     assert env.hp.server.outbound.stats()["suspended"] == ["dest.test"]
     await env.send(["b@dest.test"])
     await env.send(["c@dest.test"])
-    await asyncio.sleep(0.3)  # connection refused is immediate: an attempt would show
-    assert journals(env) == 1 and len(env.spooled()) == 3
+    await all_due_attempted(env, await env.mta("127.0.0.5"))  # an attempt would show...
+    assert len(env.journals()) == 1 and len(env.spooled()) == 3  # ...as a journal
     mx1 = await env.mta("127.0.0.2")
     await env.advance(61)
     await eventually(lambda: len(mx1.messages) == 3)
@@ -454,5 +394,5 @@ async def test_a_destination_that_answers_is_not_suspended(env):
     await env.send(["a@dest.test"])
     await eventually(env.deferral_recorded)
     await env.send(["b@dest.test"])
-    await eventually(lambda: mx1.connections >= 2 or len(mx1.commands) >= 2)
+    await eventually(lambda: "RCPT b@dest.test" in mx1.commands)  # b@ was tried at once
     assert env.hp.server.outbound.stats()["suspended"] == []

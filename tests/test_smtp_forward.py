@@ -8,8 +8,8 @@ from contextlib import AsyncExitStack
 import pytest
 
 from tests.harness import ManualClock, eventually, running_server, sendmail
+from tests.outbound_env import free_port_on_all
 from tests.servers import ReceivingMTA
-from tests.test_outbound import free_port_on_all
 
 
 @pytest.fixture
