@@ -80,7 +80,7 @@ def bind(addresses: tuple[ListenAddress, ...], copies: int) -> list[list[socket.
     try:
         for address in addresses:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-            port = address.port
+            port = _free_port(family, address)
             for copy in sockets:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 opened.append(sock)
@@ -102,6 +102,20 @@ def bind(addresses: tuple[ListenAddress, ...], copies: int) -> list[list[socket.
             sock.close()
         raise
     return sockets
+
+
+def _free_port(family: socket.AddressFamily, address: ListenAddress) -> int:
+    """The port to listen on, after checking that nothing listens there yet: with
+    SO_REUSEPORT alone a second harakapy could share a port the first one has."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((address.host, address.port))
+        except OSError as exc:
+            raise StartError(f"cannot listen on {address}: {exc.strerror or exc}", 1) from exc
+        return probe.getsockname()[1]
 
 
 def die_with_parent(parent: int) -> None:

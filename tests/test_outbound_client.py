@@ -19,9 +19,11 @@ from harakapy.outbound.client import (
     LocalArgumentError,
     SessionError,
     SmtpSession,
+    Stage,
     Timeouts,
     dot_stuff,
 )
+from harakapy.spool.store import Spool
 from tests.harness import eventually, running_server
 from tests.servers import ReceivingMTA
 
@@ -118,7 +120,7 @@ async def sent_since(session: SmtpSession, tap: Tap, mark: int) -> bytes:
     A NOOP goes last: its reply comes back through the tap only after the tap has read
     everything written before it, so nothing the client sent can still be on its way.
     """
-    reply = await session.command("noop", "NOOP")
+    reply = await session.command(Stage.COMMAND, "NOOP")
     assert reply.code == 250
     sent = tap.sent[mark:]
     assert sent.endswith(b"NOOP\r\n")
@@ -207,7 +209,7 @@ async def test_an_ehlo_name_with_a_line_break_is_not_sent(tap, character):
 async def test_any_other_command_is_checked_too(session, tap):
     mark = len(tap.sent)
     with pytest.raises(LocalArgumentError) as refused:
-        await session.command("vrfy", "VRFY bob\r\nDATA")
+        await session.command(Stage.COMMAND, "VRFY bob\r\nDATA")
     assert refused.value.command == "VRFY" and refused.value.character == "CR"
     assert await sent_since(session, tap, mark) == b""
 
@@ -237,8 +239,13 @@ async def test_through_the_queue_a_bad_recipient_bounces_and_the_good_one_is_del
                        "outbound.ini": "[main]\nconnect_timeout = 2\ncommand_timeout = 5\n"},
                       {"route": ROUTE_PLUGIN})
     bad = "bob@dest.test>\r\nRCPT TO:<eve@dest.test"
-    async with running_server(root) as hp:
-        await hp.server.submit("alice@sender.test", ["carol@dest.test", bad], MESSAGE)
+    # submit() refuses such an address at the door; a spool written by something else (an
+    # older version, a hand edit) can still hold one, and the client is the last guard.
+    spool = Spool(root / "queue")
+    spool.create()
+    spool.accept(id="BADRCPT1", sender="alice@sender.test", recipients=["carol@dest.test", bad],
+                 message=MESSAGE)
+    async with running_server(root):
         # The message, then the DSN for the bad recipient, through the same route.
         await eventually(lambda: len(mta.messages) == 2)
     delivered, dsn = mta.messages

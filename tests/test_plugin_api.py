@@ -285,3 +285,15 @@ async def test_installation_tasks_run_in_one_process_and_move_when_it_stops(conf
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_submit_refuses_addresses_that_could_break_headers(config_dir):
+    root = config_dir(LOCAL, {"probe": PROBE})
+    async with running_server(root) as hp:
+        view = hp.server.notes["view"]
+        for sender, recipients in (("", []), ("a@b.test\r\nBcc: x@y.test", ["c@d.test"]),
+                                   ("", ["c@d.test\n"]), ("", ["no-domain"]),
+                                   ("", ["nul\0@d.test"])):
+            with pytest.raises(ValueError):
+                await view.submit(sender, recipients, b"Subject: x\r\n\r\nx\r\n")
+        assert not list((root / "queue" / "msg").iterdir())

@@ -30,11 +30,6 @@ DOCS = ROOT / "docs"
 DEPENDENCIES = frozenset({"harakapy", "aiosmtpd", "dns", "pluggy", "cryptography",
                           "platformdirs", "argon2"})
 
-# docs/outbound.md's delivery-log and bounce examples still import
-# harakapy.spool.store; that page is being extended in another change, which owns those
-# lines. Take the page out of this set once its examples import from harakapy.
-NOT_YET_CHECKED = frozenset({"docs/outbound.md"})
-
 _FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.M | re.S)
 _IMPORTERS = {"import_module", "__import__"}
 
@@ -160,15 +155,14 @@ def test_the_docs_have_examples_to_check():
 
 
 DOC_BLOCKS = doc_python_blocks()
-CHECKED_BLOCKS = [block for block in DOC_BLOCKS if block[0] not in NOT_YET_CHECKED]
 
 
 def block_ids(blocks: list[tuple[str, int, str]]) -> list[str]:
     return [f"{page}-{number}" for page, number, _ in blocks]
 
 
-@pytest.mark.parametrize(("page", "number", "source"), CHECKED_BLOCKS,
-                         ids=block_ids(CHECKED_BLOCKS))
+@pytest.mark.parametrize(("page", "number", "source"), DOC_BLOCKS,
+                         ids=block_ids(DOC_BLOCKS))
 def test_doc_example_imports_only_from_harakapy(page, number, source):
     found = inner_imports(source)
     assert found == [], f"{page}, python block {number}, reaches below harakapy: {found}"

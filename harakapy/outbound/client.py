@@ -22,6 +22,7 @@ import asyncio
 import re
 import ssl
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 MAX_REPLY_LINES = 100  # a hostile server cannot make us buffer without bound
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
@@ -31,10 +32,14 @@ _CHARACTER_NAMES = {"\r": "CR", "\n": "LF", "\0": "NUL"}
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One SMTP reply. ``text`` keeps the lines joined with a space."""
+    """One SMTP reply. ``text`` keeps the lines joined with a space.
+
+    :ivar local: We made it up (a command we would not send), the server never said it.
+    """
 
     code: int
     text: str
+    local: bool = False
 
     @property
     def enhanced(self) -> str | None:
@@ -53,17 +58,31 @@ class Reply:
         return f"{self.code} {self.text}"
 
 
+class Stage(StrEnum):
+    """Where in the dialogue a session is: what a :class:`SessionError` happened at."""
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    TLS = "tls"  # the handshake after STARTTLS
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    RSET = "rset"
+    COMMAND = "command"  # any other command (NOOP, VRFY, ...)
+
+
 class SessionError(Exception):
     """The session broke: no connection, a timeout, a dropped line, a reply we cannot parse,
     or a refusal at a stage that concerns the whole session (greeting, EHLO, STARTTLS).
 
-    :ivar stage: ``connect``, ``greeting``, ``ehlo``, ``starttls``, ``tls``, ``mail``,
-        ``rcpt``, ``data``.
+    :ivar stage: The :class:`Stage`.
     :ivar reply: The server's reply, when it gave one.
     :ivar error: The exception behind it (the :mod:`ssl` error of a failed handshake).
     """
 
-    def __init__(self, stage: str, reason: str, reply: Reply | None = None,
+    def __init__(self, stage: Stage, reason: str, reply: Reply | None = None,
                  error: BaseException | None = None) -> None:
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
@@ -89,7 +108,7 @@ class LocalArgumentError(SessionError):
         else (a local configuration error the operator can mend).
     """
 
-    def __init__(self, stage: str, command: str, what: str, argument: str, character: str,
+    def __init__(self, stage: Stage, command: str, what: str, argument: str, character: str,
                  enhanced: str) -> None:
         super().__init__(stage, f"{command} {what} {argument!r} contains {character}: "
                                 f"not sent")
@@ -105,10 +124,10 @@ class LocalArgumentError(SessionError):
     def refusal(self, text: str) -> Reply:
         """Our own refusal, shaped as the reply a server gives to a bad address."""
         return Reply(501, f"{self.enhanced} {text}: {self.argument!r} contains "
-                          f"{self.character} ({self.command} not sent)")
+                          f"{self.character} ({self.command} not sent)", local=True)
 
 
-def _check_argument(stage: str, command: str, what: str, argument: str, *,
+def _check_argument(stage: Stage, command: str, what: str, argument: str, *,
                     enhanced: str = "4.3.5") -> None:
     """Refuse an argument a command may not carry.
 
@@ -215,31 +234,31 @@ class SmtpSession:
                 reader, writer = await asyncio.open_connection(ip, port, local_addr=local,
                                                                limit=65536)
         except TimeoutError:
-            raise SessionError("connect", f"connection to [{ip}]:{port} timed out") from None
+            raise SessionError(Stage.CONNECT, f"connection to [{ip}]:{port} timed out") from None
         except (OSError, OverflowError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or exc
-            raise SessionError("connect", f"cannot connect to [{ip}]:{port}: {reason}"
+            raise SessionError(Stage.CONNECT, f"cannot connect to [{ip}]:{port}: {reason}"
                                ) from None
         session = cls(reader, writer, timeouts=timeouts, lmtp=lmtp)
         session.peer_ip = ip
         try:
-            greeting = await session.read_reply("greeting")
+            greeting = await session.read_reply(Stage.GREETING)
         except SessionError:
             session.abort()
             raise
         session.greeting = greeting
         if greeting.code != 220:
             await session.quit()
-            raise SessionError("greeting", f"server refused us: {greeting}", greeting)
+            raise SessionError(Stage.GREETING, f"server refused us: {greeting}", greeting)
         return session
 
     # -- replies and commands -----------------------------------------------------------
 
-    async def read_reply(self, stage: str, timeout: float | None = None) -> Reply:
+    async def read_reply(self, stage: Stage, timeout: float | None = None) -> Reply:
         code, lines = await self._read_lines(stage, timeout)
         return Reply(code, " ".join(lines).strip())
 
-    async def _read_lines(self, stage: str, timeout: float | None = None
+    async def _read_lines(self, stage: Stage, timeout: float | None = None
                           ) -> tuple[int, list[str]]:
         lines: list[str] = []
         try:
@@ -262,7 +281,7 @@ class SmtpSession:
         except (ConnectionError, ssl.SSLError, ValueError) as exc:
             raise SessionError(stage, f"connection lost: {exc}") from None
 
-    async def _send(self, stage: str, data: bytes) -> None:
+    async def _send(self, stage: Stage, data: bytes) -> None:
         try:
             self.writer.write(data)
             async with asyncio.timeout(self.timeouts.command):
@@ -272,7 +291,7 @@ class SmtpSession:
         except (ConnectionError, ssl.SSLError, RuntimeError) as exc:
             raise SessionError(stage, f"connection lost: {exc}") from None
 
-    async def command(self, stage: str, line: str) -> Reply:
+    async def command(self, stage: Stage, line: str) -> Reply:
         """Send one command line (without its CRLF) and read the reply.
 
         :raises LocalArgumentError: the line holds CR, LF or NUL; nothing was sent.
@@ -289,14 +308,14 @@ class SmtpSession:
             holds CR, LF or NUL (nothing was sent).
         """
         verb = "LHLO" if self.lmtp else "EHLO"
-        _check_argument("ehlo", verb, "name", name)
+        _check_argument(Stage.EHLO, verb, "name", name)
         self.ehlo_name = name
         reply, lines = await self._ehlo_lines(verb, name)
         if reply.code in (500, 502) and not self.lmtp:
-            reply = await self.command("ehlo", f"HELO {name}")
+            reply = await self.command(Stage.EHLO, f"HELO {name}")
             lines = []
         if reply.code != 250:
-            raise SessionError("ehlo", f"EHLO refused: {reply}", reply)
+            raise SessionError(Stage.EHLO, f"EHLO refused: {reply}", reply)
         self.extensions = {}
         self.server_name = lines[0].split(" ", 1)[0] if lines and lines[0] else ""
         for line in lines[1:]:
@@ -304,8 +323,8 @@ class SmtpSession:
             self.extensions[keyword.upper()] = params
 
     async def _ehlo_lines(self, verb: str, name: str) -> tuple[Reply, list[str]]:
-        await self._send("ehlo", f"{verb} {name}\r\n".encode())
-        code, lines = await self._read_lines("ehlo")
+        await self._send(Stage.EHLO, f"{verb} {name}\r\n".encode())
+        code, lines = await self._read_lines(Stage.EHLO)
         return Reply(code, " ".join(lines)), lines
 
     def supports(self, extension: str) -> bool:
@@ -318,20 +337,20 @@ class SmtpSession:
         :raises SessionError: ``starttls`` when refused, ``tls`` when the handshake fails
             (``error`` holds the :mod:`ssl` exception).
         """
-        reply = await self.command("starttls", "STARTTLS")
+        reply = await self.command(Stage.STARTTLS, "STARTTLS")
         if reply.code != 220:
-            raise SessionError("starttls", f"STARTTLS refused: {reply}", reply)
+            raise SessionError(Stage.STARTTLS, f"STARTTLS refused: {reply}", reply)
         try:
             async with asyncio.timeout(self.timeouts.command):
                 await self.writer.start_tls(context, server_hostname=server_hostname)
         except TimeoutError:
-            raise SessionError("tls", "TLS handshake timed out") from None
+            raise SessionError(Stage.TLS, "TLS handshake timed out") from None
         except ssl.SSLCertVerificationError as exc:
-            raise SessionError("tls", f"certificate verification failed: "
+            raise SessionError(Stage.TLS, f"certificate verification failed: "
                                       f"{exc.verify_message or exc.reason}", error=exc
                                ) from None
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            raise SessionError("tls", f"TLS handshake failed: {exc}", error=exc) from None
+            raise SessionError(Stage.TLS, f"TLS handshake failed: {exc}", error=exc) from None
 
     @property
     def ssl_object(self) -> ssl.SSLObject | None:
@@ -370,23 +389,23 @@ class SmtpSession:
         :raises SessionError: when the connection breaks or times out mid-transaction.
         """
         try:
-            _check_argument("mail", "MAIL FROM", "address", sender, enhanced="5.1.7")
+            _check_argument(Stage.MAIL, "MAIL FROM", "address", sender, enhanced="5.1.7")
         except LocalArgumentError as exc:
             refusal = exc.refusal("bad sender address syntax")
             return TransactionResult(refusal, [refusal] * len(recipients))
         for param in mail_params:
-            _check_argument("mail", "MAIL FROM", "parameter", param)
+            _check_argument(Stage.MAIL, "MAIL FROM", "parameter", param)
         refused: dict[int, Reply] = {}
         for index, recipient in enumerate(recipients):
             try:
-                _check_argument("rcpt", "RCPT TO", "address", recipient, enhanced="5.1.3")
+                _check_argument(Stage.RCPT, "RCPT TO", "address", recipient, enhanced="5.1.3")
             except LocalArgumentError as exc:
                 refused[index] = exc.refusal("bad recipient address syntax")
         if refused:
             sendable = [r for i, r in enumerate(recipients) if i not in refused]
             if not sendable:
                 nothing = Reply(554, "5.5.1 no recipient address could be sent; "
-                                     "MAIL FROM not sent")
+                                     "MAIL FROM not sent", local=True)
                 return TransactionResult(nothing, [refused[i] for i in range(len(recipients))])
             result = await self.send(sender, sendable, message, mail_params=mail_params)
             replies = iter(result.recipients)
@@ -397,24 +416,24 @@ class SmtpSession:
         rcpt_lines = [f"RCPT TO:<{r}>" for r in recipients]
         if self.supports("PIPELINING"):
             batch = [mail_line, *rcpt_lines, "DATA"]
-            await self._send("mail", "".join(f"{line}\r\n" for line in batch).encode())
-            mail = await self.read_reply("mail")
-            rcpt = [_rcpt_reply(await self.read_reply("rcpt")) for _ in recipients]
-            data = await self.read_reply("data")
+            await self._send(Stage.MAIL, "".join(f"{line}\r\n" for line in batch).encode())
+            mail = await self.read_reply(Stage.MAIL)
+            rcpt = [_rcpt_reply(await self.read_reply(Stage.RCPT)) for _ in recipients]
+            data = await self.read_reply(Stage.DATA)
         else:
-            mail = await self.command("mail", mail_line)
+            mail = await self.command(Stage.MAIL, mail_line)
             if not mail.positive:
                 return TransactionResult(mail, [mail] * len(recipients))
-            rcpt = [_rcpt_reply(await self.command("rcpt", line)) for line in rcpt_lines]
-            data = (await self.command("data", "DATA")
+            rcpt = [_rcpt_reply(await self.command(Stage.RCPT, line)) for line in rcpt_lines]
+            data = (await self.command(Stage.DATA, "DATA")
                     if any(r.positive for r in rcpt) else None)
         result = TransactionResult(mail)
         accepted = [i for i, r in enumerate(rcpt) if r.positive]
         if not mail.positive or not accepted:
             if data is not None and data.code == 354:
                 # RFC 2920 3.1: the server took DATA anyway; end it with no content.
-                await self._send("data", b".\r\n")
-                await self.read_reply("data")
+                await self._send(Stage.DATA, b".\r\n")
+                await self.read_reply(Stage.DATA)
             await self.rset()
             result.recipients = [mail if not mail.positive else r for r in rcpt]
             return result
@@ -423,12 +442,12 @@ class SmtpSession:
             result.recipients = [r if not r.positive else data for r in rcpt]
             await self.rset()
             return result
-        await self._send("data", dot_stuff(message))
+        await self._send(Stage.DATA, dot_stuff(message))
         if self.lmtp:
-            finals = {i: await self.read_reply("data", self.timeouts.data_done)
+            finals = {i: await self.read_reply(Stage.DATA, self.timeouts.data_done)
                       for i in accepted}
         else:
-            done = await self.read_reply("data", self.timeouts.data_done)
+            done = await self.read_reply(Stage.DATA, self.timeouts.data_done)
             finals = dict.fromkeys(accepted, done)
         result.recipients = [finals.get(i, r) for i, r in enumerate(rcpt)]
         self.messages_sent += 1
@@ -436,7 +455,7 @@ class SmtpSession:
 
     async def rset(self) -> None:
         try:
-            await self.command("rset", "RSET")
+            await self.command(Stage.RSET, "RSET")
         except SessionError:
             self.abort()
 

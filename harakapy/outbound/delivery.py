@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 from harakapy.dns import DnsError, NoSuchDomain, Resolver
-from harakapy.outbound.client import Reply, SessionError, SmtpSession
+from harakapy.outbound.client import Reply, SessionError, SmtpSession, Stage
 from harakapy.outbound.mx import MxHost
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
 from harakapy.outbound.settings import OutboundSettings
@@ -249,7 +249,7 @@ class Delivery:
             return "failed"
         except SessionError as exc:
             outcome.errors.append(f"{where}: {exc.reason}")
-            outcome.contacted |= exc.stage != "connect"
+            outcome.contacted |= exc.stage is not Stage.CONNECT
             log.info("host %s unusable: %s", where, exc.reason)
             return "failed"
         outcome.contacted = True
@@ -294,7 +294,7 @@ class Delivery:
                 state, default = RecipientState.BOUNCED, "5.0.0"
             outcome.results.append(RecipientResult(index, state, str(reply),
                                                    _enhanced(reply, default), host.hostname,
-                                                   remote=True))
+                                                   remote=not reply.local))
         await self.pool.give_back(key, session)
         return "done"
 

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from harakapy.outbound.client import SessionError, SmtpSession
+from harakapy.outbound.client import SessionError, SmtpSession, Stage
 from harakapy.outbound.mx import MxHost
 from harakapy.tls import verify
 from harakapy.tls.policy import Level, Policy, PolicySource, TlsaLookup
@@ -223,16 +223,16 @@ class Negotiator:
         try:
             await session.starttls(self.context(plan), plan.servername)
         except SessionError as exc:
-            if exc.stage == "starttls" and exc.reply is not None:
+            if exc.stage is Stage.STARTTLS and exc.reply is not None:
                 failure = Failure(ResultType.STARTTLS_NOT_SUPPORTED, exc.reason,
                                   str(exc.reply.code))
-            elif exc.stage == "tls":
+            elif exc.stage is Stage.TLS:
                 failure = verify.handshake_failure(exc.error, exc.reason)
                 session.abort()  # the TLS layer is broken: nothing more can be said on it
             else:
                 raise
             await self._fail(plan, failure, session)  # raises when enforced
-            if exc.stage == "starttls":
+            if exc.stage is Stage.STARTTLS:
                 log.info("%s [%s] refused STARTTLS (%s); going on in plaintext",
                          plan.host.hostname, session.peer_ip, exc.reply)
                 return session

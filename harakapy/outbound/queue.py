@@ -208,7 +208,15 @@ class OutboundQueue:
             not ASCII.
         :param client: The inbound transaction it came from, for logs.
         :raises SpoolError: it could not be stored; a client must hear 4xx.
+        :raises ValueError: no recipient, or an address with CR, LF or NUL (a plugin's
+            mistake: such an address would reach headers of notices and reports).
         """
+        if not recipients:
+            raise ValueError("a message needs at least one recipient")
+        for address in (sender, *recipients):
+            if "\r" in address or "\n" in address or "\0" in address or \
+                    (address and "@" not in address):
+                raise ValueError(f"not a mail address: {address!r}")
         if smtputf8 is None:
             smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         queued = await self._in_thread(
