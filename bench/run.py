@@ -189,7 +189,7 @@ def queued(peer, workdir: Path, *, backlog: int, total: int = 5000) -> dict:
     recovered = {}
 
     def preload(home: Path) -> None:
-        from harakapy.spool.store import Spool
+        from harakapy.spool.store import JournalEvent, Spool
 
         spool = Spool(home / "queue", fsync=False)
         spool.create()
@@ -200,8 +200,8 @@ def queued(peer, workdir: Path, *, backlog: int, total: int = 5000) -> dict:
             message_id = f"BACKLOG{n:08d}"
             spool.accept(id=message_id, sender="bench@load.test",
                          recipients=[f"r{n}@dead.test"], message=body)
-            spool.record(message_id, {"domain": "dead.test", "attempts": 1, "next": later},
-                         durable=False)
+            spool.record(message_id, JournalEvent(domain="dead.test", attempts=1,
+                                                  next_attempt=later), durable=False)
         recovered["preload_s"] = round(time.monotonic() - started, 1)
 
     started = time.monotonic()

@@ -202,7 +202,7 @@ async def test_one_message_to_two_domains_is_split(env):
     ("2001:db8::1", "2001:db8::1", 25), ("192.0.2.1:26", "192.0.2.1", 26),
 ])
 def test_get_mx_route_strings(text, host, port):
-    from harakapy.outbound.queue import _parse_route
+    from harakapy.outbound.mx import _parse_route
 
     route = _parse_route(text, 25)
     assert (route.hostname, route.port) == (host, port)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,20 @@ def test_doc_example_needs_nothing_harakapy_does_not_install(page, number, sourc
     extra = top_level_modules(source) - DEPENDENCIES - sys.stdlib_module_names
     assert extra == set(), (f"{page}, python block {number}, imports {sorted(extra)}: "
                             f"not the standard library, nor a dependency of harakapy")
+
+
+def test_plugin_sources_in_tests_import_only_from_harakapy():
+    # The tests write plugins as an operator would (strings written into DIR/plugins):
+    # they must stand on the public surface as well.
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and "@hookimpl" in node.value and "import" in node.value):
+                continue
+            try:
+                found = inner_imports(textwrap.dedent(node.value))
+            except SyntaxError:
+                continue  # a fragment, not a plugin
+            offenders += [f"{path.name}:{node.lineno}: {name}" for name in found]
+    assert offenders == []

@@ -21,27 +21,32 @@ from tests.servers import StartTlsStripper
 DANE_STUB = '''
 import hashlib
 
-from harakapy import hookimpl
-from harakapy.tls import verify
-from harakapy.tls.policy import Level, Policy, TlsaLookup, TlsaRecord
-from harakapy.tls.results import Failure, ResultType
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from harakapy import Failure, Level, Policy, ResultType, TlsaLookup, TlsaRecord, hookimpl
+
+
+def spki(der):
+    public_key = x509.load_der_x509_certificate(der).public_key()
+    return public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 class Authority:
     def __init__(self, records):
         self.records = records
 
-    async def lookup(self, host):
-        found = self.records.get(host.hostname)
+    async def lookup(self, hostname, port):
+        found = self.records.get(hostname)
         if found == "bogus":
-            return TlsaLookup(base_domain=host.hostname, failure=Failure(
+            return TlsaLookup(base_domain=hostname, failure=Failure(
                 ResultType.DNSSEC_INVALID, "TLSA answer failed DNSSEC validation"))
         if found == "unusable":
-            return TlsaLookup(base_domain=host.hostname, unusable=True)
-        return TlsaLookup(tuple(found or ()), base_domain=host.hostname)
+            return TlsaLookup(base_domain=hostname, unusable=True)
+        return TlsaLookup(tuple(found or ()), base_domain=hostname)
 
-    def verify(self, lookup, chain, host, nexthop):
-        digest = hashlib.sha256(verify.spki_der(chain[0])).digest()
+    def verify(self, lookup, chain, hostname, nexthop):
+        digest = hashlib.sha256(spki(chain[0])).digest()
         if any(r.data == digest for r in lookup.records):
             return None
         return Failure(ResultType.VALIDATION_FAILURE, "no TLSA record matches", "tlsa-mismatch")

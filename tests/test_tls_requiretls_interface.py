@@ -11,17 +11,14 @@ from tests.harness import eventually
 REQUIRETLS_STUB = '''
 from dataclasses import replace
 
-from harakapy import hookimpl
-from harakapy.outbound.tls_policy import find_policy
-from harakapy.tls.policy import Level
+from harakapy import Level, hookimpl
 
 
 @hookimpl
 async def tls_policy(domain, hosts, routed, message, server):
     if message is None or not message.sender.startswith("secret"):
         return None
-    base = await find_policy(server, domain, hosts, routed=routed, message=message,
-                             after="requiretls_stub")
+    base = await server.next_policy(domain, hosts, routed=routed, message=message)
     level = base.level if base.level in (Level.VERIFY, Level.SECURE) else Level.VERIFY
     return replace(base, level=level, required_extensions=("REQUIRETLS",),
                    mail_parameters=("REQUIRETLS",), reason="REQUIRETLS over " + base.reason)

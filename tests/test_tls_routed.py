@@ -9,8 +9,7 @@ from tests.harness import eventually
 from tests.outbound_env import start_mx
 
 ROUTER = '''
-from harakapy import hookimpl
-from harakapy.outbound.mx import MxHost
+from harakapy import MxHost, hookimpl
 
 
 @hookimpl
@@ -43,8 +42,7 @@ async def test_routed_mail_takes_the_policy_of_the_next_hop(tls_env, table, deli
 
 
 ROUTER_TWO = '''
-from harakapy import hookimpl
-from harakapy.outbound.mx import MxHost
+from harakapy import MxHost, hookimpl
 
 
 @hookimpl

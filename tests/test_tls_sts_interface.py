@@ -9,8 +9,7 @@ from tests.harness import eventually
 from tests.outbound_env import Env, start_mx
 
 STS_STUB = '''
-from harakapy import hookimpl
-from harakapy.tls.policy import Level, Policy, PolicySource
+from harakapy import Level, Policy, PolicySource, hookimpl
 
 
 @hookimpl
