@@ -58,6 +58,10 @@ async def test_lmtp_backend_per_recipient_replies(gateway):
         assert backend.messages[0].recipients == ["ok@corp.test"]
         queue = hp.root / "queue" / "msg"
         await eventually(lambda: len(list(queue.iterdir())) == 1)  # full@ waits for a retry
+        [waiting] = list(queue.iterdir())
+        journal = hp.root / "queue" / "log" / waiting.name
+        # The retry is scheduled when the deferral is in the journal: move the clock after.
+        await eventually(lambda: journal.exists() and b'"deferred"' in journal.read_bytes())
         replies.pop("full@corp.test")
         clock.advance(61)
         await eventually(lambda: len(backend.messages) == 2)
