@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.dns_server import DnsServer
 from tests.harness import write_config_dir
 from tests.outbound_env import EnvFactory, start_tls_env
 
@@ -58,3 +59,22 @@ def tls_env(outbound_env):
     """``env = await tls_env("good.test verify\\n", tls_pin=..., plugins=...)``: the
     outbound world of the TLS policy tests (tests/outbound_env.py, ``start_tls_env``)."""
     return functools.partial(start_tls_env, outbound_env)
+
+
+# dest.test, whose one MX is 127.0.0.2: the zone of the tests that run harakapy in a
+# subprocess and count what a receiver there gets (test_durability.py, test_workers.py).
+DEST_ZONE = """
+$TTL 300
+@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300
+@ NS ns.test.
+dest.test. MX 10 mx.dest.test.
+mx.dest.test. A 127.0.0.2
+"""
+
+
+@pytest.fixture
+async def dest_dns():
+    """A real DNS server on loopback serving :data:`DEST_ZONE`."""
+    server = await DnsServer(DEST_ZONE).start()
+    yield server
+    server.close()

@@ -276,6 +276,21 @@ def example_dir(tmp_path):
         {name: source})
 
 
+async def replay(port: int, steps: list[tuple[str, int, str]]) -> None:
+    """Say each command of a documented dialogue after EHLO and MAIL FROM, and check that
+    the server answers as the page shows."""
+    client = await RawClient.connect(port)
+    try:
+        assert (await client.reply())[0] == 220
+        assert (await client.command("EHLO client.test"))[0] == 250
+        assert await client.command("MAIL FROM:<sender@client.test>") == (250, "2.1.0 Ok")
+        for command, code, text in steps:
+            assert await client.command(command) == (code, text), command
+        await client.command("QUIT")
+    finally:
+        await client.close()
+
+
 async def test_example_plugin_refuses_listed_recipients_over_a_real_socket(example_dir,
                                                                            caplog):
     name, _ = example_plugin()
@@ -284,16 +299,7 @@ async def test_example_plugin_refuses_listed_recipients_over_a_real_socket(examp
     assert any(code == 550 for _, code, _ in steps)
     async with running_server(example_dir) as hp:
         assert name in [plugin.name for plugin in hp.server.plugins.plugins]
-        client = await RawClient.connect(hp.port)
-        try:
-            assert (await client.reply())[0] == 220
-            assert (await client.command("EHLO client.test"))[0] == 250
-            assert await client.command("MAIL FROM:<sender@client.test>") == (250, "2.1.0 Ok")
-            for command, code, text in steps:
-                assert await client.command(command) == (code, text), command
-            await client.command("QUIT")
-        finally:
-            await client.close()
+        await replay(hp.port, steps)
     refusals = [r.getMessage() for r in caplog.records
                 if r.name == f"harakapy.plugin.{name}"]
     assert any("refused blocked recipient <gone@example.com>" in m for m in refusals)
@@ -366,16 +372,7 @@ async def test_the_first_plugin_accepts_its_mailboxes_and_nobody_else(first_plug
     assert [code for _, code, _ in steps] == [250, 550]
     async with running_server(first_plugin_dir) as hp:
         assert name in [plugin.name for plugin in hp.server.plugins.plugins]
-        client = await RawClient.connect(hp.port)
-        try:
-            assert (await client.reply())[0] == 220
-            assert (await client.command("EHLO client.test"))[0] == 250
-            assert await client.command("MAIL FROM:<sender@client.test>") == (250, "2.1.0 Ok")
-            for command, code, text in steps:
-                assert await client.command(command) == (code, text), command
-            await client.command("QUIT")
-        finally:
-            await client.close()
+        await replay(hp.port, steps)
 
         # A whole message, as a client sends it: the listed mailbox gets it, the other
         # address is refused, and the message is queued for the one accepted.

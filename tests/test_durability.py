@@ -28,18 +28,9 @@ from pathlib import Path
 import pytest
 
 from harakapy.spool.store import Spool
-from tests.dns_server import DnsServer
 from tests.harness import RawClient, write_config_dir
 from tests.processes import ServerProcess, free_port, free_port_on, memory_of
 from tests.servers import ReceivingMTA, Tarpit
-
-ZONE = """
-$TTL 300
-@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300
-@ NS ns.test.
-dest.test. MX 10 mx.dest.test.
-mx.dest.test. A 127.0.0.2
-"""
 
 MX_HOST = "127.0.0.2"
 # Deliveries in flight at once (all go to one domain, so domain_concurrency is the limit
@@ -89,14 +80,7 @@ class Relay:
 
 
 @pytest.fixture
-async def dns():
-    server = await DnsServer(ZONE).start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def relay(tmp_path, dns) -> Iterable[Callable[..., Relay]]:
+def relay(tmp_path, dest_dns) -> Iterable[Callable[..., Relay]]:
     """``relay(mx_port, concurrency=...)``: a config dir as an operator writes it, relaying
     from 127.0.0.1 (the shipped relay_acl_allow) to dest.test's MX at ``mx_port``."""
     made: list[Relay] = []
@@ -108,7 +92,8 @@ def relay(tmp_path, dns) -> Iterable[Callable[..., Relay]]:
             "plugins": "relay\n",
             "smtp.ini": f"[main]\nlisten = 127.0.0.1:{port}\nshutdown_grace = {GRACE}\n"
                         f"workers = {workers}\n",
-            "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dns.port}\ntimeout = 2\n",
+            "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dest_dns.port}\n"
+                       "timeout = 2\n",
             # Durations in plain seconds; a short back-off so retries come within a test.
             "outbound.ini": f"[main]\nport = {mx_port}\nconcurrency = {concurrency}\n"
                             f"domain_concurrency = {concurrency}\nmin_backoff = 1\n"

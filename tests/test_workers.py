@@ -1,8 +1,9 @@
 """``[main] workers``: a supervisor and several server processes over one config directory.
 
 ``harakapy run`` runs as an operator starts it, in a subprocess; mail goes to a real
-receiving server on 127.0.0.2 through a real DNS server. The kill -9 tests of the
-workers and of the supervisor are in test_durability.py.
+receiving server on 127.0.0.2 through a real DNS server (conftest.py's
+``dest_dns``). The kill -9 tests of a worker and of the supervisor are in
+test_durability.py.
 """
 
 from __future__ import annotations
@@ -17,19 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.dns_server import DnsServer
 from tests.harness import write_config_dir
 from tests.processes import ServerProcess, free_port, free_port_on, harakapy
 from tests.servers import ReceivingMTA
 from tests.test_durability import worker_pids
-
-ZONE = """
-$TTL 300
-@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300
-@ NS ns.test.
-dest.test. MX 10 mx.dest.test.
-mx.dest.test. A 127.0.0.2
-"""
 
 # A plugin whose installation-wide task notes which process runs it, and whose
 # per-process task notes every process.
@@ -55,14 +47,7 @@ async def everywhere(server):
 
 
 @pytest.fixture
-async def dns():
-    server = await DnsServer(ZONE).start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def group(tmp_path, dns):
+def group(tmp_path, dest_dns):
     """``group(mx_port=None, workers=2, extra_plugins="")``: a relaying config dir and
     its running ``harakapy run``."""
     started: list[ServerProcess] = []
@@ -75,7 +60,8 @@ def group(tmp_path, dns):
             "plugins": plugins,
             "smtp.ini": f"[main]\nlisten = 127.0.0.1:{port}\nworkers = {workers}\n"
                         "shutdown_grace = 2\n",
-            "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dns.port}\ntimeout = 2\n",
+            "dns.ini": f"[main]\nnameservers = 127.0.0.1\nport = {dest_dns.port}\n"
+                       "timeout = 2\n",
             "outbound.ini": f"[main]\nport = {mx_port or free_port_on('127.0.0.2')}\n"
                             "min_backoff = 1\nmax_backoff = 2\nconnect_timeout = 2\n",
         }, {"tasks": TASKS_PLUGIN})
