@@ -35,6 +35,7 @@ class ReceivingMTA:
     :param tls_context: a server context to offer STARTTLS with (instead of ``cert``).
     :param extensions: extra EHLO keywords; ``drop`` removes keywords (e.g. ``8BITMIME``).
     :param mail_params: MAIL FROM parameters to accept beyond aiosmtpd's (``REQUIRETLS``).
+    :param data_delay: seconds to take before answering the end of data.
     """
 
     host: str
@@ -49,6 +50,7 @@ class ReceivingMTA:
     smtputf8: bool = True
     lmtp: bool = False
     lmtp_reply: Callable[[str], str | None] = lambda address: None
+    data_delay: float = 0.0
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     commands: list[str] = field(default_factory=list)
@@ -83,6 +85,8 @@ class ReceivingMTA:
                 return "250 2.1.5 OK"
 
             async def handle_DATA(self, server, session: Session, envelope: Envelope):
+                if mta.data_delay:
+                    await asyncio.sleep(mta.data_delay)  # a receiver that takes its time
                 reply = mta.data_reply()
                 if reply is not None:
                     return reply

@@ -304,7 +304,9 @@ async def test_kill_9_while_accepting_and_delivering_loses_no_acknowledged_messa
         if len(sent.acked) >= kill_after:
             kill_now.set()
 
-    async with ReceivingMTA(MX_HOST, mx_port) as mta:
+    # A receiver slower than the clients, so that the kill finds mail queued as well as
+    # delivered, and deliveries in flight.
+    async with ReceivingMTA(MX_HOST, mx_port, data_delay=0.02) as mta:
         hp = relay(mx_port, workers=1 if target == "single" else 2)
         first = await hp.start()
         async with asyncio.TaskGroup() as group:

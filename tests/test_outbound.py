@@ -396,3 +396,33 @@ async def test_a_destination_that_answers_is_not_suspended(env):
     await env.send(["b@dest.test"])
     await eventually(lambda: "RCPT b@dest.test" in mx1.commands)  # b@ was tried at once
     assert env.hp.server.outbound.stats()["suspended"] == []
+
+
+SPOOL_WATCHER = '''
+from harakapy import hookimpl
+
+
+@hookimpl
+def delivered(message, recipients, server):
+    queue = server.config.root / "queue"
+    server.notes.setdefault("seen", []).append((
+        [r.address for r in recipients], (queue / "msg" / message.id).exists(),
+        (queue / "log" / message.id).exists()))
+'''
+
+
+async def test_a_delivery_that_settles_the_message_removes_it_before_hooks_hear_of_it(
+        outbound_env):
+    # Rule 4 of outbound/queue.py: the removal is the record, and it comes before the
+    # hooks (rule 2); no journal is written for the last recipients' outcome. A delivery
+    # that leaves a recipient to retry journals as before.
+    env = await outbound_env(ZONE, plugins="relay\nwatcher\n",
+                             plugin_files={"watcher": SPOOL_WATCHER})
+    await env.mta("127.0.0.2", rcpt_reply={"later@dest.test": "451 4.2.0 busy"}.get)
+    seen = env.hp.server.notes.setdefault("seen", [])
+    await env.send("one@dest.test")
+    await eventually(lambda: len(seen) == 1)
+    assert seen[0] == (["one@dest.test"], False, False)
+    await env.send(["two@dest.test", "later@dest.test"])
+    await eventually(lambda: len(seen) == 2)
+    assert seen[1] == (["two@dest.test"], True, True)  # later@ waits: the journal says so

@@ -9,6 +9,10 @@ Rules:
    the spool before its recipient is recorded as bounced: a crash may repeat a DSN, never
    lose one.
 3. ``concurrency`` jobs run at once, at most ``domain_concurrency`` per domain.
+4. An attempt that settles a message's last recipients writes no journal line: the
+   message is removed from the spool instead (a crash before the removal reaches the disk
+   delivers it again, which SMTP allows; it never loses it). A message just accepted is
+   delivered from memory the first time, without reading it back from the spool.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import heapq
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from harakapy.clock import Clock
@@ -50,6 +54,9 @@ DELIVERED, DEFERRED, BOUNCED = (RecipientState.DELIVERED, RecipientState.DEFERRE
                                 RecipientState.BOUNCED)
 
 log = logging.getLogger("harakapy.outbound")
+
+# Bytes of just-accepted messages kept in memory for their first attempt (rule 4).
+FRESH_BYTES = 32 << 20
 
 
 class QueueHost(Protocol):
@@ -109,6 +116,9 @@ class OutboundQueue:
         # Spool writes wait on fsync; many in flight at once let the file system commit
         # them together (the default executor has only a few threads).
         self._io = ThreadPoolExecutor(max_workers=64, thread_name_prefix="spool")
+        # Messages just accepted, with their text, for their first attempt (rule 4).
+        self._fresh: dict[str, tuple[QueuedMessage, bytes]] = {}
+        self._fresh_bytes = 0
         self._resolver_for: object = None
 
     # -- settings that follow reloads -----------------------------------------------------
@@ -225,6 +235,10 @@ class OutboundQueue:
             arrival=self.clock.time(), slot=self.slot)
         await self.server.plugins.call_all("init_outbound", message=queued)
         domains = queued.domains()
+        if len(domains) == 1 and self._fresh_bytes + len(message) <= FRESH_BYTES:
+            # Several domains' jobs would share one object; those read their own copy.
+            self._fresh[queued.id] = (queued, message)
+            self._fresh_bytes += len(message)
         self._open_domains[queued.id] = set(domains)
         for domain in domains:
             self._schedule(queued.id, domain, 0.0)
@@ -270,6 +284,7 @@ class OutboundQueue:
                 del self._jobs[(mid, domain)]
                 found = True
         self._open_domains.pop(message_id, None)
+        self._take_fresh(message_id)
         if (self.spool.msg_dir / message_id).exists():
             found = True
         self.spool.remove(message_id)
@@ -355,15 +370,26 @@ class OutboundQueue:
                            self.clock.time() + self.settings.min_backoff)
         self._wake.set()
 
+    def _take_fresh(self, message_id: str) -> tuple[QueuedMessage, bytes] | None:
+        fresh = self._fresh.pop(message_id, None)
+        if fresh is not None:
+            self._fresh_bytes -= len(fresh[1])
+        return fresh
+
     async def _deliver_job(self, job: Job) -> None:
         if self._jobs.get((job.message_id, job.domain)) is not job:
             return
-        try:
-            message = await self._in_thread(self.spool.load, job.message_id)
-        except SpoolError as exc:
-            log.error("cannot load %s: %s", job.message_id, exc)
-            self._jobs.pop((job.message_id, job.domain), None)
-            return
+        fresh = self._take_fresh(job.message_id)
+        body: bytes | None = None
+        if fresh is not None:
+            message, body = fresh
+        else:
+            try:
+                message = await self._in_thread(self.spool.load, job.message_id)
+            except SpoolError as exc:
+                log.error("cannot load %s: %s", job.message_id, exc)
+                self._jobs.pop((job.message_id, job.domain), None)
+                return
         pending = message.pending(job.domain)
         if not pending:
             self._domain_done(message, job.domain)
@@ -387,7 +413,8 @@ class OutboundQueue:
                                for i in indexes], [str(exc)])
             await self._apply(message, job, indexes, outcome, lifetime)
             return
-        body = await self._in_thread(message.read)
+        if body is None:
+            body = await self._in_thread(message.read)
         outcome = await self.delivery.attempt(
             routes, message.sender, [message.recipients[i].address for i in indexes], body,
             smtputf8=message.smtputf8)
@@ -434,21 +461,29 @@ class OutboundQueue:
                                         f"{reason}", status) for i in undecided]
             undecided = []
 
+        # Rule 4: when this attempt settles the message, its removal is the record.
+        attempted = set(indexes)
+        settles = (not deferred and not undecided
+                   and self._open_domains.get(message.id) == {job.domain}
+                   and all(r.is_final for i, r in enumerate(message.recipients)
+                           if i not in attempted))
         for result in delivered:
             log.info("%s delivered to <%s> via %s: %s", message.id,
                      message.recipients[result.index].address, result.mx, result.reply)
         if delivered:
             await self._record(message, JournalEvent(
                 rcpt=tuple(r.index for r in delivered), state=DELIVERED, mx=delivered[0].mx,
-                reply=delivered[0].reply), durable=True)
-            for result in delivered:
-                await server.plugins.call_all(
-                    "delivered", message=message,
-                    recipients=[message.recipients[result.index]], mx=result.mx,
-                    reply=result.reply)
-
+                reply=delivered[0].reply), durable=True, settles=settles)
         if bounced:
-            await self._bounce(message, bounced)
+            await self._bounce(message, bounced, settles=settles)  # the DSN first
+        if settles:
+            self._domain_done(message, job.domain)  # before the hooks hear of it (rule 2)
+        for result in delivered:
+            await server.plugins.call_all(
+                "delivered", message=message, recipients=[message.recipients[result.index]],
+                mx=result.mx, reply=result.reply)
+        if settles:
+            return
 
         retry = [r.index for r in deferred] + undecided
         if retry:
@@ -471,14 +506,21 @@ class OutboundQueue:
         self._domain_done(message, job.domain)
 
     async def _record(self, message: QueuedMessage, event: JournalEvent, *,
-                      durable: bool) -> None:
+                      durable: bool, settles: bool = False) -> None:
+        """Journal ``event`` and apply it; with ``settles``, apply it only: the message's
+        removal from the spool follows and records it (rule 4)."""
         if message.id not in self._open_domains:
             return  # deleted by the operator meanwhile
-        written = await self._in_thread(self.spool.record, message.id, event, durable=durable)
+        if settles:
+            written = replace(event, time=self.clock.time())
+        else:
+            written = await self._in_thread(self.spool.record, message.id, event,
+                                            durable=durable)
         message.history.append(written)
         written.apply(message)
 
-    async def _bounce(self, message: QueuedMessage, bounced: list[RecipientResult]) -> None:
+    async def _bounce(self, message: QueuedMessage, bounced: list[RecipientResult], *,
+                      settles: bool = False) -> None:
         failures = [Failure(message.recipients[r.index].address, r.enhanced or "5.0.0",
                             r.reply, r.mx, r.remote) for r in bounced]
         for failure in failures:
@@ -505,7 +547,7 @@ class OutboundQueue:
         await self._record(message, JournalEvent(
             rcpt=tuple(r.index for r in bounced), state=BOUNCED,
             reply="; ".join(f.diagnostic for f in failures)[:500],
-            enhanced=failures[0].status), durable=True)
+            enhanced=failures[0].status), durable=True, settles=settles)
 
     async def _maybe_warn(self, message: QueuedMessage, retry: list[int], why: str,
                           lifetime: float) -> None:
