@@ -2,17 +2,25 @@
 
     peer = PEERS["postfix"]()
     peer.install()                     # idempotent
-    peer.start(port=2525, relay_to=("127.0.0.1", 2600), starttls_out=True, workdir=WORK)
+    peer.start(port=2525, relay_to=("127.0.0.1", 2600), workdir=WORK)
     ... load; sum /proc/PID/stat over peer.pids() ...
     peer.stop()                        # waits until the port is free and processes are gone
 
+Each server runs as its distribution ships it, changed only where a scenario must:
+harakapy as the README's first command installs it (``pip install .`` into a fresh venv,
+no extras), Postfix with the main.cf and master.cf Debian 12 writes, Haraka with what
+``haraka -i`` writes (and, as ``haraka-cpus``, ``nodes=cpus``). bench/PEERS.md lists
+every line the bench changes and why.
+
 Each instance lives in ``workdir/NAME`` (fresh at each start): config, queue, log and a
-self-signed certificate that all three offer for inbound STARTTLS. It listens on
-127.0.0.1:port, lets 127.0.0.0/8 relay, and hands every relayed message to ``relay_to``;
-with ``relay_to=None`` to a closed port, so mail is accepted into the queue and deferred
-(the first retry of every peer is 5 minutes later). Durability is the same: all three
-fsync the queue file before answering 250 (Postfix's cleanup; Haraka's FsyncWriteStream,
-which does not fsync the directory after its rename; harakapy fsyncs file and directory).
+self-signed certificate that all of them offer for inbound STARTTLS. It listens on
+127.0.0.1:port, lets the load generator (127.0.0.1) relay, and hands every relayed message
+to ``relay_to``; with ``relay_to=None`` to a closed port, so mail is accepted into the
+queue and deferred (the first retry of every peer is 5 minutes later). Outbound STARTTLS
+is opportunistic in all of them as shipped, so the sink decides: it offers STARTTLS or it
+does not. Durability is the same: all fsync the queue file before answering 250
+(Postfix's cleanup; Haraka's FsyncWriteStream, which does not fsync the directory after
+its rename; harakapy fsyncs file and directory).
 
 ``pids()`` are the processes alive now. Processes that exit during a run (Postfix's
 smtpd and smtp come and go) are counted in their parent's cutime/cstime once reaped, so
@@ -26,7 +34,10 @@ such a queue. ``bench/.peers/`` (git-ignored) is the place:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,9 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from bench.measure import cpu_seconds
 from harakapy.tls.context import self_signed
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 TEMPLATES = HERE / "peers"
 PEERS_DIR = HERE / ".peers"
 HARAKA_DIR = PEERS_DIR / "haraka"
@@ -63,8 +76,10 @@ class Peer(Protocol):
 
     def install(self) -> None: ...
 
-    def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path, verify: Verify | None = None) -> None: ...
+    def describe(self) -> str: ...
+
+    def start(self, *, port: int, relay_to: tuple[str, int] | None, workdir: Path,
+              verify: Verify | None = None) -> None: ...
 
     def pids(self) -> list[int]: ...
 
@@ -100,6 +115,31 @@ def _wait(what: str, done, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
+
+
+def _greets(port: int) -> bool:
+    """An SMTP greeting on 127.0.0.1:port: a process serves it, not only a listening
+    socket (a master process may bind before its workers can answer)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            greeted = conn.makefile("rb").readline().startswith(b"220")
+            conn.sendall(b"QUIT\r\n")
+            return greeted
+    except OSError:
+        return False
+
+
+def _settle(pids: Callable[[], list[int]], timeout: float = 60) -> None:
+    """Wait until the server's processes are idle (under 20 ms of CPU in 0.25 s), for at
+    most ``timeout`` seconds: its start-up work (loading plugins, forking workers, reading
+    a spool) is over before any measurement begins, for every server alike. A server
+    that never goes idle is measured anyway: its background work is its own cost."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pids())
+        time.sleep(0.25)
+        if cpu_seconds(pids()) - before < 0.02:
+            return
 
 
 def _alive(pid: int) -> bool:
@@ -161,9 +201,99 @@ def _write_cert(directory: Path, hostname: str) -> tuple[Path, Path]:
     return cert, key
 
 
+def _set_ini(path: Path, section: str | None, values: dict[str, str]) -> None:
+    """Set ``key = value`` lines of a shipped ini file, keeping every other line as it is.
+
+    An uncommented key of ``section`` is rewritten where it stands; a missing one goes
+    after the section's last key (``section=None``: a file without headers, as Haraka's
+    smtp.ini). So the rest stays the shipped defaults, keys a later version adds included.
+    """
+    lines = path.read_text().splitlines() if path.exists() else []
+    todo = dict(values)
+    current: str | None = None
+    last = -1 if section is None else None  # where missing keys go: after this line
+    for n, line in enumerate(lines):
+        header = re.fullmatch(r"\s*\[([^\]]+)\]\s*", line)
+        if header:
+            current = header.group(1).strip()
+            if current == section:
+                last = n
+            continue
+        if current != section:
+            continue
+        key = re.match(r"([\w.-]+)\s*=", line.strip())
+        if key or section is None:  # headerless: after its last line, comments included
+            last = n
+        if key and key.group(1) in todo:
+            lines[n] = f"{key.group(1)} = {todo.pop(key.group(1))}"
+    added = [f"{key} = {value}" for key, value in todo.items()]
+    if added and last is None:
+        lines += ["", f"[{section}]", *added]
+    elif added:
+        assert last is not None
+        lines[last + 1:last + 1] = added
+    path.write_text("\n".join(lines) + "\n")
+
+
 def _check_closed(route: tuple[str, int]) -> None:
     if route == CLOSED and _port_open(CLOSED[1]):
         raise RuntimeError(f"something listens on 127.0.0.1:{CLOSED[1]}; need a closed port")
+
+
+# -- harakapy as the README installs it -----------------------------------------------------
+
+VENV_PREFIX = "harakapy-venv-"
+# What `pip install .` puts in the wheel (pyproject.toml: the package, force-included
+# config/ and plugins/, the README as its description): the venv is rebuilt when they change.
+INSTALLED = ("harakapy", "config", "plugins", "pyproject.toml", "README.md")
+STALE_AFTER = 15 * 60  # seconds; a venv used this recently may belong to a run going on
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def source_key(repo: Path = REPO) -> str:
+    """``REVISION-DIGEST``: the git revision, and a digest of the files ``pip install .``
+    installs as they are in the working tree (uncommitted edits included, so the bench
+    measures what the tree holds; a clean tree at one revision always gives one key)."""
+    revision = _git(repo, "rev-parse", "--short=12", "HEAD").strip()
+    listed = _git(repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
+                  *INSTALLED)
+    digest = hashlib.sha256()
+    for name in sorted(set(filter(None, listed.split("\0")))):
+        path = repo / name
+        if path.is_file():  # a tracked file deleted in the working tree is not installed
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{revision}-{digest.hexdigest()[:10]}"
+
+
+def installed_harakapy(repo: Path = REPO, into: Path = PEERS_DIR) -> Path:
+    """The venv of README's first command for this tree, made on first use: ``python -m
+    venv`` and ``pip install .`` (not ``-e``, no extras: no uvloop, as a new user gets).
+    Venvs of other trees not used for STALE_AFTER are deleted."""
+    into.mkdir(parents=True, exist_ok=True)
+    venv = into / f"{VENV_PREFIX}{source_key(repo)}"
+    done = venv / ".installed"  # written last: a venv without it was interrupted
+    with open(into / ".harakapy-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once build it once
+        if not done.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            _run(sys.executable, "-m", "venv", venv)
+            built = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "."],
+                                   cwd=repo, capture_output=True, text=True)
+            if built.returncode:
+                raise RuntimeError(f"pip install . into {venv} failed:\n"
+                                   f"{built.stdout[-2000:]}{built.stderr[-2000:]}")
+            done.write_text(f"pip install . of {repo}\n")
+        done.touch()  # "last used", for the stale rule below
+        for other in into.glob(f"{VENV_PREFIX}*"):
+            marker = other / ".installed"
+            if other != venv and (not marker.exists()
+                                  or time.time() - marker.stat().st_mtime > STALE_AFTER):
+                shutil.rmtree(other, ignore_errors=True)
+    return venv
 
 
 # -- one process we start ourselves (harakapy, Haraka) ---------------------------------------
@@ -172,7 +302,7 @@ def _check_closed(route: tuple[str, int]) -> None:
 class _Child:
     """A peer that is one foreground process (and whatever it forks)."""
 
-    name: ClassVar[str]
+    name: str
     stop_timeout: ClassVar[float] = 60
 
     def __init__(self) -> None:
@@ -197,10 +327,11 @@ class _Child:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode} at start; "
                                    f"log {self.log}:\n{self.log.read_text()[-2000:]}")
-            return _port_open(port)
+            return _greets(port)
 
         try:
-            _wait(f"{self.name} to listen on {port}", ready)
+            _wait(f"{self.name} to greet on {port}", ready)
+            _settle(self.pids)
         except BaseException:
             self.stop()
             raise
@@ -225,34 +356,71 @@ class _Child:
 
 
 class HarakapyPeer(_Child):
-    name = "harakapy"
+    """harakapy on its shipped config (``harakapy init``), but for the listen address,
+    the route to the sink and the bench's certificate.
+
+    ``source="install"`` runs it from :func:`installed_harakapy`, as the README installs
+    it. ``source="dev"`` runs the harness's own interpreter (the development install,
+    with the test extras' uvloop): for the test suite's smoke run only, never for a table
+    that is compared with other servers.
+    """
 
     verifies = True
 
-    def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path, verify: Verify | None = None,
+    def __init__(self, source: str = "install") -> None:
+        super().__init__()
+        if source not in ("install", "dev"):
+            raise ValueError(f"harakapy source {source!r}: expected install or dev")
+        self.name = "harakapy"
+        self.source = source
+        self.command: list[str | Path] = [sys.executable, "-m", "harakapy"]
+        self.python: str | Path = sys.executable
+
+    def install(self) -> None:
+        if self.source == "install":
+            venv = installed_harakapy()
+            self.command, self.python = [venv / "bin" / "harakapy"], venv / "bin" / "python"
+
+    def describe(self) -> str:
+        loop = subprocess.run([str(self.python), "-c", "import uvloop"],
+                              capture_output=True).returncode
+        how = (f"`pip install .` into {Path(self.command[0]).parent.parent.name}"
+               if self.source == "install" else f"the development install ({sys.executable})")
+        return (f"harakapy {self._version()}: {how}; event loop "
+                f"{'asyncio (no uvloop)' if loop else 'uvloop'}; shipped config "
+                "but listen, route, certificate")
+
+    def _version(self) -> str:
+        return subprocess.run([str(self.python), "-c",
+                               "import harakapy; print(harakapy.__version__)"],
+                              capture_output=True, text=True).stdout.strip()
+
+    def start(self, *, port: int, relay_to: tuple[str, int] | None, workdir: Path,
+              verify: Verify | None = None,
               prepare: Callable[[Path], None] | None = None) -> None:
         """As :class:`Peer`; ``prepare(home)`` runs before launch (to preload a spool)."""
-        # Outbound STARTTLS is always opportunistic in harakapy (no switch): with a sink
-        # that offers none, starttls_out=False is the same thing.
         route = relay_to or CLOSED
         _check_closed(route)
         home = _instance_dir(workdir, self.name)
-        _run(sys.executable, "-m", "harakapy", "init", home, stdout=subprocess.DEVNULL)
+        _run(*self.command, "init", home, stdout=subprocess.DEVNULL)
         config = home / "config"
         cert, key = _write_cert(config, "bench-harakapy.test")
+        # The host name, as Debian's postinst writes Postfix's myhostname (shipped: empty,
+        # the system's name): the same kind of name in every server's greeting and EHLO.
         (config / "me").write_text("bench-harakapy.test\n")
-        (config / "smtp.ini").write_text(f"[main]\nlisten = 127.0.0.1:{port}\n")
-        tls_ini = f"[main]\nkey = {key}\ncert = {cert}\n"
-        plugins = "tls\nrelay\nbench_route\n"
+        # Everything else in smtp.ini stays as shipped: [main] workers among it.
+        _set_ini(config / "smtp.ini", "main", {"listen": f"127.0.0.1:{port}"})
+        _set_ini(config / "tls.ini", "main", {"key": str(key), "cert": str(cert)})
         if verify is not None:
-            tls_ini += f"[outbound]\nca_file = {verify.ca_file}\n"
+            _set_ini(config / "tls.ini", "outbound", {"ca_file": str(verify.ca_file)})
             (config / "tls_policy").write_text(
                 f"[{route[0]}]:{route[1]} verify match={verify.name}\n")
-            plugins += "tls_require\n"
-        (config / "tls.ini").write_text(tls_ini)
-        (config / "relay_acl_allow").write_text("127.0.0.0/8\n")
-        (config / "plugins").write_text(plugins)
+        # The shipped plugins, then the route: there is no DNS for the sink's domain. The
+        # load generator connects from 127.0.0.1, which the shipped relay_acl_allow lets
+        # relay.
+        with open(config / "plugins", "a") as plugins:
+            plugins.write("\n# bench: every domain to the sink (or a closed port)\n"
+                          "bench_route\n")
         (home / "plugins" / "bench_route.py").write_text(
             '"""Benchmark routing: every domain to the sink (or a closed port)."""\n\n'
             "from harakapy import hookimpl\n\n\n"
@@ -261,13 +429,20 @@ class HarakapyPeer(_Child):
             f"    return \"{route[0]}:{route[1]}\"\n")
         if prepare is not None:
             prepare(home)
-        self._launch([sys.executable, "-m", "harakapy", "run", "-c", home,
-                      "--log-level", "warning"], home, port)
+        # Logging at its default level (info), as `harakapy run` logs.
+        self._launch([*self.command, "run", "-c", home], home, port)
 
 
 class HarakaPeer(_Child):
-    name = "haraka"
+    """Haraka 3 on the config ``haraka -i`` writes; ``nodes`` as shipped (unset: Haraka
+    forks one worker) or set (``"cpus"``: a worker per core)."""
+
     verifies = False  # its outbound TLS checks are not set up here
+
+    def __init__(self, nodes: str | None = None) -> None:
+        super().__init__()
+        self.nodes = nodes
+        self.name = "haraka" if nodes is None else f"haraka-{nodes}"
 
     def install(self) -> None:
         if not (HARAKA_DIR / "node_modules" / ".bin" / "haraka").exists():
@@ -281,8 +456,18 @@ class HarakaPeer(_Child):
             _run("openssl", "dhparam", "-out", HARAKA_DIR / "dhparams.pem", "2048",
                  stderr=subprocess.DEVNULL)
 
-    def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path) -> None:
+    def describe(self) -> str:
+        package = HARAKA_DIR / "node_modules" / "Haraka" / "package.json"
+        version = re.search(r'"version":\s*"([^"]+)"', package.read_text())
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True)
+        return (f"{self.name}: Haraka {version.group(1) if version else '?'} on node "
+                f"{node.stdout.strip()}; `haraka -i` config, nodes "
+                f"{self.nodes or 'unset (shipped: 1 worker)'}")
+
+    def start(self, *, port: int, relay_to: tuple[str, int] | None, workdir: Path,
+              verify: Verify | None = None) -> None:
+        if verify is not None:
+            raise ValueError(f"{self.name} is not set up to verify the sink")
         route = relay_to or CLOSED
         _check_closed(route)
         home = _instance_dir(workdir, self.name)
@@ -292,22 +477,29 @@ class HarakaPeer(_Child):
         shutil.copy(TEMPLATES / "haraka-bench_route.js", home / "plugins" / "bench_route.js")
         shutil.copy(HARAKA_DIR / "dhparams.pem", config / "dhparams.pem")
         _write_cert(config, "bench-haraka.test")
+        smtp = {"listen": f"127.0.0.1:{port}",
+                # Stops only (shipped 30 s): no message is in flight when the bench stops it.
+                "force_shutdown_timeout": "10"}
+        if self.nodes is not None:
+            smtp["nodes"] = self.nodes
+        _set_ini(config / "smtp.ini", None, smtp)
         files = {
             "me": "bench-haraka.test",
             "bench_route": f"{route[0]}:{route[1]}",
-            # nodes=0: no cluster, one process that listens and runs the queue.
-            "smtp.ini": f"[main]\nlisten=127.0.0.1:{port}\nnodes=0\n"
-                        "force_shutdown_timeout=10\n",
-            "log.ini": "[main]\nlevel=warn\n",
-            "plugins": "tls\nrelay\nbench_route\n",
-            "relay_acl_allow": "127.0.0.0/8",
-            "tls.ini": "[main]\nkey=tls_key.pem\ncert=tls_cert.pem\ndhparam=dhparams.pem\n",
-            # First retry after 5 minutes like Postfix and harakapy (Haraka's own: 64 s).
-            "outbound.ini": f"enable_tls={'true' if starttls_out else 'false'}\n"
-                            "temp_fail_intervals=5m,10m,20m,40m,1h*8\n",
+            # haraka -i ships mail_from.is_resolvable (DNS the bench has not got),
+            # rcpt_to.in_host_list and queue/smtp_forward (a relay to one backend, not
+            # Haraka's outbound). The bench needs STARTTLS, relaying and the route.
+            "plugins": "tls\nrelay\nbench_route",
+            "relay_acl_allow": "127.0.0.1/32\n::1/128",
+            "tls.ini": "[main]\nkey=tls_key.pem\ncert=tls_cert.pem\ndhparam=dhparams.pem",
         }
+        if route == CLOSED:
+            # Accept-only: the first retry after 5 minutes like Postfix and harakapy, so
+            # none falls inside the run (Haraka's own: 64 s).
+            files["outbound.ini"] = "temp_fail_intervals=5m,10m,20m,40m,1h*8"
         for name, text in files.items():
             (config / name).write_text(text + "\n")
+        # log.ini as shipped (level=info), to the log file.
         self._launch([HARAKA_DIR / "node_modules" / ".bin" / "haraka", "-c", home], home, port)
 
 
@@ -315,6 +507,10 @@ class HarakaPeer(_Child):
 
 
 class PostfixPeer:
+    """Debian's postfix package, its own instance on bench/peers/postfix-main.cf and
+    postfix-master.cf (Debian 12's main.cf and master.cf, the lines the bench adds
+    marked there)."""
+
     name = "postfix"
     verifies = True
 
@@ -328,13 +524,20 @@ class PostfixPeer:
         if status != "install ok installed":
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
             # "No configuration": no /etc/postfix/main.cf, so no system instance to run.
+            # The instance the bench runs gets Debian's main.cf from the template instead.
             subprocess.run(["debconf-set-selections"], check=True, text=True, env=env,
                            input="postfix postfix/main_mailer_type select No configuration\n")
             _run("apt-get", "install", "-y", "postfix", env=env, stdout=subprocess.DEVNULL)
         stop_system_postfix()
 
-    def start(self, *, port: int, relay_to: tuple[str, int] | None, starttls_out: bool,
-              workdir: Path, verify: Verify | None = None) -> None:
+    def describe(self) -> str:
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "postfix"],
+                                 capture_output=True, text=True).stdout
+        return (f"postfix {version}: Debian 12's main.cf (TLS settings and client session "
+                "cache included) and master.cf (process limits as shipped), chroot off")
+
+    def start(self, *, port: int, relay_to: tuple[str, int] | None, workdir: Path,
+              verify: Verify | None = None) -> None:
         route = relay_to or CLOSED
         _check_closed(route)
         if not _port_free(port):
@@ -351,8 +554,8 @@ class PostfixPeer:
         values = {"home": home, "queue": home / "queue", "data": home / "data",
                   "maillog": home / "postfix.log", "relay_host": route[0],
                   "relay_port": route[1], "cert": cert, "key": key,
-                  "tls_out": "verify" if verify else "may" if starttls_out else "none",
-                  "tls_verify": (f"smtp_tls_CAfile = {verify.ca_file}\n"
+                  "tls_out": "verify" if verify else "may",
+                  "tls_verify": (f"smtp_tls_CAfile = {Path(verify.ca_file).resolve()}\n"
                                  f"smtp_tls_verify_cert_match = {verify.name}")
                   if verify else ""}
         main = (TEMPLATES / "postfix-main.cf").read_text()
@@ -367,7 +570,8 @@ class PostfixPeer:
                 log = home / "postfix.log"
                 raise RuntimeError(f"postfix -c {conf} {command} failed; "
                                    f"see {log if log.exists() else 'its output on a terminal'}")
-        _wait(f"postfix to listen on {port}", lambda: _port_open(port))
+        _wait(f"postfix to greet on {port}", lambda: _greets(port))
+        _settle(self.pids)
 
     def _master(self) -> int | None:
         if self.conf is None:
@@ -399,8 +603,12 @@ def stop_system_postfix() -> None:
         _run("postfix", "stop", capture_output=True)
 
 
-PEERS: dict[str, type[Peer]] = {peer.name: peer
-                                 for peer in (HarakapyPeer, HarakaPeer, PostfixPeer)}
+PEERS: dict[str, Callable[[], Peer]] = {
+    "harakapy": HarakapyPeer,
+    "haraka": HarakaPeer,
+    "haraka-cpus": lambda: HarakaPeer(nodes="cpus"),
+    "postfix": PostfixPeer,
+}
 
 
 def main() -> None:
@@ -411,14 +619,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=2525)
     parser.add_argument("--relay-to", type=int, metavar="PORT",
                         help="the sink's port on 127.0.0.1; none: mail stays deferred")
-    parser.add_argument("--starttls-out", action="store_true")
     parser.add_argument("--workdir", type=Path, default=PEERS_DIR / "manual")
     args = parser.parse_args()
     peer = PEERS[args.peer]()
     peer.install()
     peer.start(port=args.port, relay_to=args.relay_to and ("127.0.0.1", args.relay_to),
-               starttls_out=args.starttls_out, workdir=args.workdir)
-    print(f"{peer.name} on 127.0.0.1:{args.port}, pids {peer.pids()}", flush=True)
+               workdir=args.workdir)
+    print(f"{peer.describe()}\non 127.0.0.1:{args.port}, pids {peer.pids()}", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         signal.pause()
