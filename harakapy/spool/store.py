@@ -192,6 +192,7 @@ class QueuedMessage:
     warned: bool = False
     history: list[JournalEvent] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+    journaled: bool = False  # log/<id> may exist
 
     @property
     def is_bounce(self) -> bool:
@@ -414,11 +415,18 @@ class Spool:
             raise SpoolError(f"cannot write {path}: {exc.strerror}") from exc
         return event
 
-    def remove(self, message_id: str) -> None:
-        """Forget a message whose recipients are all final (or that an operator deleted)."""
-        for path in (self.msg_dir / message_id, self.log_dir / message_id):
+    def remove(self, message_id: str, *, journal: bool = True) -> None:
+        """Forget a message whose recipients are all final (or that an operator deleted).
+
+        :param journal: Whether it may have a journal to delete too (``False`` for one
+            that was never written: a message settled at its first attempt).
+        """
+        paths = [os.path.join(self.msg_dir, message_id)]
+        if journal:
+            paths.append(os.path.join(self.log_dir, message_id))
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -504,6 +512,7 @@ class Spool:
             fd = os.open(os.path.join(self.log_dir, message.id), _READ)
         except FileNotFoundError:
             return  # not attempted yet
+        message.journaled = True
         try:
             lines = _read_from(fd, 0, 4096).split(b"\n")
         finally:
