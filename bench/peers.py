@@ -271,7 +271,7 @@ def source_key(repo: Path = REPO) -> str:
 
 def installed_harakapy(repo: Path = REPO, into: Path = PEERS_DIR) -> Path:
     """The venv of README's first command for this tree, made on first use: ``python -m
-    venv`` and ``pip install .`` (not ``-e``, no extras: no uvloop, as a new user gets).
+    venv`` and ``pip install .`` (not ``-e``, no extras: what a new user gets).
     Venvs of other trees not used for STALE_AFTER are deleted."""
     into.mkdir(parents=True, exist_ok=True)
     venv = into / f"{VENV_PREFIX}{source_key(repo)}"
@@ -360,9 +360,9 @@ class HarakapyPeer(_Child):
     the route to the sink and the bench's certificate.
 
     ``source="install"`` runs it from :func:`installed_harakapy`, as the README installs
-    it. ``source="dev"`` runs the harness's own interpreter (the development install,
-    with the test extras' uvloop): for the test suite's smoke run only, never for a table
-    that is compared with other servers.
+    it. ``source="dev"`` runs the harness's own interpreter (the development install): for
+    the test suite's smoke run only, never for a table that is compared with other
+    servers.
     """
 
     verifies = True
