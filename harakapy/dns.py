@@ -1,4 +1,5 @@
-"""DNS lookups for delivery: MX, A/AAAA. The only module that imports dnspython.
+"""DNS lookups for delivery and policy discovery: MX, A/AAAA, TXT. The only module that
+imports dnspython.
 
 Answers come back as plain Python values; failures as our errors, each saying whether it
 is the domain's fault (permanent) or the lookup's (temporary), so callers never guess.
@@ -107,6 +108,22 @@ class Resolver:
         return [(record.preference, record.exchange.to_text(omit_final_dot=True).lower()
                  if record.exchange != dns.name.root else "")
                 for record in answer]
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records at ``name`` (CNAMEs followed), each record's strings joined
+        without separators (RFC 8461 3.1, RFC 8460 3); ``[]`` when the name has none or
+        does not exist. Bytes that are not UTF-8 are replaced, so a hostile record reads
+        as an invalid one, never as an error here.
+
+        :raises DnsError: the lookup failed; try again later.
+        """
+        try:
+            answer = await self._query(name, "TXT")
+        except NoSuchDomain:
+            return []
+        if answer is None:
+            return []
+        return [b"".join(record.strings).decode("utf-8", "replace") for record in answer]
 
     async def addresses(self, host: str, *, ipv4: bool = True, ipv6: bool = True) -> list[str]:
         """The host's IPv4 then IPv6 addresses (CNAMEs followed); ``[]`` when it has none.

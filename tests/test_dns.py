@@ -19,6 +19,10 @@ mx2.example.test. AAAA ::1
 alias.test. CNAME mx1.example.test.
 implicit.test. A 127.0.0.4
 nullmx.test. MX 0 .
+_mta-sts.example.test. TXT "v=STSv1; " "id=20261203"
+_mta-sts.example.test. TXT "v=spf1 -all"
+_mta-sts.delegated.test. CNAME _mta-sts.example.test.
+_mta-sts.binary.test. TXT "v=STSv1; id=\255\000"
 """
 
 
@@ -56,3 +60,26 @@ async def test_servfail_is_temporary(resolver):
     with pytest.raises(DnsError) as error:
         await resolve.mx("example.test")
     assert not isinstance(error.value, NoSuchDomain)
+
+
+async def test_txt_records_join_their_strings_and_follow_cnames(resolver):
+    resolve, _ = resolver
+    assert sorted(await resolve.txt("_mta-sts.example.test")) == ["v=STSv1; id=20261203",
+                                                                  "v=spf1 -all"]
+    assert sorted(await resolve.txt("_mta-sts.delegated.test")) == sorted(
+        await resolve.txt("_mta-sts.example.test"))
+    assert await resolve.txt("_mta-sts.implicit.test") == []  # no such name
+    assert await resolve.txt("example.test") == []  # the name exists, no TXT
+
+
+async def test_txt_bytes_that_are_not_utf8_do_not_raise(resolver):
+    resolve, _ = resolver
+    [text] = await resolve.txt("_mta-sts.binary.test")
+    assert text.startswith("v=STSv1; id=") and "\x00" in text
+
+
+async def test_txt_servfail_is_temporary(resolver):
+    resolve, server = resolver
+    server.servfail.add("_mta-sts.example.test")
+    with pytest.raises(DnsError):
+        await resolve.txt("_mta-sts.example.test")
