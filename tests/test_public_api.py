@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
 # What `pip install harakapy` brings, by import name (pyproject.toml [project]
-# dependencies): aiosmtpd, dnspython, pluggy, cryptography, platformdirs, argon2-cffi.
+# dependencies): aiosmtpd, dnspython, pluggy, cryptography, platformdirs, argon2-cffi,
+# aiohttp, uvloop.
 DEPENDENCIES = frozenset({"harakapy", "aiosmtpd", "dns", "pluggy", "cryptography",
-                          "platformdirs", "argon2"})
+                          "platformdirs", "argon2", "aiohttp", "uvloop"})
 
 _FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.M | re.S)
 _IMPORTERS = {"import_module", "__import__"}
