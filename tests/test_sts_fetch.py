@@ -17,6 +17,7 @@ from harakapy.tls.mta_sts import MAX_POLICY_BYTES
 from harakapy.tls.results import ResultType
 from harakapy.tls.sts_fetch import FetchError, fetch_policy, policy_host_context
 from tests.dns_server import DnsServer
+from tests.policy_host import PolicyHost, plain, server_context
 
 ZONE = """
 $TTL 300
@@ -46,45 +47,6 @@ def ca_file(tls_ca, tmp_path) -> Path:
     path = tmp_path / "ca.pem"
     tls_ca.cert_pem.write_to_path(str(path))
     return path
-
-
-def server_context(ca: trustme.CA, *names: str, **options) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert(*names, **options).configure_cert(context)
-    return context
-
-
-class PolicyHost:
-    """An HTTPS server on 127.0.0.x answering the well-known path with ``handler``; it
-    records every path asked for."""
-
-    def __init__(self, host: str, context: ssl.SSLContext, handler) -> None:
-        self.host, self.context, self.handler = host, context, handler
-        self.requests: list[str] = []
-        self.port = 0
-
-    async def __aenter__(self) -> PolicyHost:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            self.requests.append(request.path)
-            return await self.handler(request)
-
-        app = web.Application()
-        app.router.add_route("GET", "/{tail:.*}", handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, 0, ssl_context=self.context)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.runner.cleanup()
-
-
-def plain(body: bytes, content_type: str = "text/plain"):
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=body, headers={"Content-Type": content_type})
-    return handler
 
 
 async def fetch(dns: DnsServer, ca_file: Path, domain: str, port: int, **options):

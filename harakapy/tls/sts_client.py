@@ -1,0 +1,190 @@
+"""The MTA-STS client: which policy applies to a policy domain now (RFC 8461 3.3, 5.1).
+
+Rules:
+
+1. A valid cached policy is applied as it is; its TXT record is looked at again at most
+   every ``check_interval`` seconds. A changed ``id`` means fetch; the same ``id`` means
+   nothing new (the policy's lifetime still runs from its last fetch).
+2. Nothing removes a valid cached policy but its expiry or a fetched ``mode: none``
+   (invariant 8): a failed TXT lookup, a missing TXT record, a failed or invalid fetch all
+   leave it applied, and the failure is given with it, for the log and the report.
+3. A failed fetch for an ``id`` is not tried again for ``retry_after`` seconds (RFC 8461
+   3.3: five minutes); meanwhile the failure stands.
+4. With nothing cached: no STS record is no policy; a failed fetch is no policy with the
+   failure (RFC 8461 3.3: deliver as if the domain had none); a failed TXT lookup (SERVFAIL,
+   timeout) asks the caller to wait (``defer``), as any DNS failure does (invariant 3).
+
+The cache, the resolver and the clock are given; the HTTPS fetch is ``sts_fetch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from harakapy.clock import Clock
+from harakapy.dns import DnsError, Resolver
+from harakapy.tls.mta_sts import Mode, StsError, StsPolicy, select_record
+from harakapy.tls.results import Failure, ResultType
+from harakapy.tls.sts_fetch import FetchError, fetch_policy, policy_host_context
+from harakapy.tls.sts_store import CachedPolicy, PolicyStore
+
+log = logging.getLogger("harakapy.mta_sts")
+
+
+@dataclass(frozen=True, slots=True)
+class StsSettings:
+    """How the client fetches and how often it looks again.
+
+    :param ca_file: Trust anchors for policy hosts; ``None`` for the system's.
+    :param port: The policy hosts' HTTPS port.
+    :param connect_timeout: Seconds for TCP and TLS to a policy host.
+    :param timeout: Seconds for a whole fetch.
+    :param retry_after: Seconds before a failed ``id`` is fetched again.
+    :param check_interval: Seconds between looks at the TXT record of a cached policy.
+    """
+
+    ca_file: Path | None = None
+    port: int = 443
+    connect_timeout: float = 10.0
+    timeout: float = 60.0
+    retry_after: float = 300.0
+    check_interval: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class StsAnswer:
+    """What applies to the domain now.
+
+    :ivar policy: The policy to apply; ``None`` for none.
+    :ivar failure: Why the latest look went wrong, if it did (reported even when a cached
+        policy still applies).
+    :ivar defer: Nothing is known and the TXT lookup failed: the mail waits (rule 4).
+    :ivar entry: The cache entry behind the answer, for ``harakapy tls-policy``.
+    """
+
+    policy: StsPolicy | None = None
+    failure: Failure | None = None
+    defer: bool = False
+    entry: CachedPolicy | None = None
+
+
+class StsClient:
+    """Policies for policy domains, from the cache, DNS and the policy hosts.
+
+    :param resolver: For ``_mta-sts`` TXT records and the policy hosts.
+    :param store: The cache (blocking calls: run in a thread here).
+    :param clock: For expiry, checks and back-off.
+    :param settings: See :class:`StsSettings`.
+    """
+
+    def __init__(self, resolver: Resolver, store: PolicyStore, clock: Clock,
+                 settings: StsSettings) -> None:
+        self.resolver = resolver
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self._context = policy_host_context(settings.ca_file)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def lookup(self, domain: str) -> StsAnswer:
+        """The policy for mail to ``domain`` now (rules 1 to 4); notes the use."""
+        async with self._locks.setdefault(domain, asyncio.Lock()):  # one fetch at a time
+            now = self.clock.time()
+            entry = await asyncio.to_thread(self.store.get, domain)
+            if entry is not None:
+                await asyncio.to_thread(self.store.touch, domain, now)
+            if entry is not None and entry.valid_at(now) and \
+                    now - entry.checked < self.settings.check_interval:
+                return self._cached(entry, now, _failure_of(entry.error))  # it stands
+            return await self._discover(domain, entry, now, force=False)
+
+    async def refresh(self, domain: str) -> StsAnswer:
+        """Look at the TXT record and fetch the policy now, whatever its ``id`` says (the
+        proactive refresh, ``harakapy mta-sts refresh``); the 5-minute back-off holds."""
+        async with self._locks.setdefault(domain, asyncio.Lock()):
+            now = self.clock.time()
+            entry = await asyncio.to_thread(self.store.get, domain)
+            return await self._discover(domain, entry, now, force=True)
+
+    def _cached(self, entry: CachedPolicy | None, now: float,
+                failure: Failure | None = None) -> StsAnswer:
+        if entry is not None and entry.valid_at(now):
+            return StsAnswer(entry.policy(), failure, entry=entry)
+        return StsAnswer(None, failure, entry=entry)
+
+    async def _discover(self, domain: str, entry: CachedPolicy | None, now: float, *,
+                        force: bool) -> StsAnswer:
+        try:
+            texts = await self.resolver.txt(f"_mta-sts.{domain}")
+        except DnsError as exc:
+            failure = Failure(ResultType.STS_POLICY_FETCH_ERROR,
+                              f"_mta-sts.{domain} TXT: {exc.reason}")
+            if entry is not None and entry.valid_at(now):
+                return self._cached(entry, now, failure)
+            log.warning("MTA-STS: %s: %s; the mail waits", domain, failure.reason)
+            return StsAnswer(None, failure, defer=True, entry=entry)
+        try:
+            record = select_record(texts)
+        except StsError as exc:
+            # RFC 8461 3.1: no (usable) record does not evict a cached policy.
+            if entry is not None and entry.valid_at(now):
+                if texts:
+                    log.info("MTA-STS: %s: %s; the cached policy applies", domain,
+                             exc.reason)
+                return self._cached(entry, now)
+            return StsAnswer(None, entry=entry)
+        if (not force and entry is not None and entry.valid_at(now)
+                and entry.record_id == record.id):
+            checked = replace(entry, checked=now)
+            await asyncio.to_thread(self.store.put, checked)
+            return self._cached(checked, now)
+        if entry is not None and not entry.retry_allowed(record.id, now):
+            return self._cached(entry, now, _failure_of(entry.error))
+        return await self._fetch(domain, entry, record.id, now)
+
+    async def _fetch(self, domain: str, entry: CachedPolicy | None, record_id: str,
+                     now: float) -> StsAnswer:
+        try:
+            fetched = await fetch_policy(
+                domain, resolver=self.resolver, context=self._context,
+                port=self.settings.port, connect_timeout=self.settings.connect_timeout,
+                timeout=self.settings.timeout)
+        except FetchError as exc:
+            failure = Failure(exc.result_type, exc.reason)
+            noted = (entry or CachedPolicy(domain)).failed_now(
+                record_id, f"{exc.result_type.value}: {exc.reason}", now,
+                self.settings.retry_after)
+            await asyncio.to_thread(self.store.put, noted)
+            log.warning("MTA-STS: %s: %s%s", domain, exc,
+                        "; the cached policy still applies" if noted.valid_at(now) else "")
+            return self._cached(noted, now, failure)
+        policy = fetched.policy
+        if policy.mode is Mode.NONE:
+            # RFC 8461 8.3: a none policy ends the domain's use of MTA-STS.
+            await asyncio.to_thread(self.store.delete, domain)
+            log.info("MTA-STS: %s: mode none, policy removed", domain)
+            return StsAnswer(None)
+        fresh = (entry or CachedPolicy(domain, used=now)).fetched_now(
+            _body(policy), policy, record_id, now)
+        await asyncio.to_thread(self.store.put, fresh)
+        log.info("MTA-STS: %s: policy %s fetched (mode %s, max_age %d)", domain, record_id,
+                 policy.mode.value, policy.max_age)
+        return StsAnswer(policy, entry=fresh)
+
+
+def _body(policy: StsPolicy) -> bytes:
+    """The policy as it came, lines joined: what the store keeps (the fetch's own line
+    ends do not matter to the grammar)."""
+    return ("\n".join(policy.lines) + "\n").encode()
+
+
+def _failure_of(error: str) -> Failure | None:
+    """The stored ``result-type: reason`` as a failure again."""
+    kind, _, reason = error.partition(": ")
+    try:
+        return Failure(ResultType(kind), reason) if error else None
+    except ValueError:
+        return Failure(ResultType.STS_POLICY_FETCH_ERROR, error)
