@@ -240,11 +240,13 @@ class Supervisor:
 
     async def _watch(self) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
+        # A worker waiting out its back-off must not keep the others' deaths unseen.
+        restarts: set[asyncio.Task[None]] = set()
         try:
             while not self._stopping.is_set():
                 exits = {asyncio.ensure_future(w.process.wait()): w for w in self.workers
                          if w.process is not None}
-                done, _ = await asyncio.wait([*exits, stop],
+                done, _ = await asyncio.wait([*exits, *restarts, stop],
                                              return_when=asyncio.FIRST_COMPLETED)
                 for future in exits:
                     if future not in done:
@@ -252,20 +254,30 @@ class Supervisor:
                 if stop in done:
                     return
                 for future in done:
-                    await self._replace(exits[future], future.result())
+                    if future in exits:
+                        worker = exits[future]
+                        pid = worker.process.pid if worker.process else 0
+                        worker.process = None  # seen once: the next round waits on the rest
+                        restarts.add(asyncio.get_running_loop().create_task(
+                            self._replace(worker, pid, future.result())))
+                    else:
+                        restarts.discard(future)
+                        future.result()  # a failed start is the loop's to see
         finally:
             stop.cancel()
+            for task in restarts:
+                task.cancel()
+            await asyncio.gather(*restarts, return_exceptions=True)
 
-    async def _replace(self, worker: Worker, code: int) -> None:
+    async def _replace(self, worker: Worker, pid: int, code: int) -> None:
         lived = time.monotonic() - worker.started
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        worker.backoff = FIRST_BACKOFF if lived >= STABLE_AFTER else min(
-            MAX_BACKOFF, worker.backoff * 2)
-        delay = FIRST_BACKOFF if lived >= STABLE_AFTER else worker.backoff
+        if lived >= STABLE_AFTER:
+            worker.backoff = FIRST_BACKOFF  # a death after a good run starts afresh
+        delay = worker.backoff
+        worker.backoff = min(MAX_BACKOFF, worker.backoff * 2)
         log.warning("worker %d (pid %d) died (%s) after %.0fs; starting it again in %.0fs",
-                    worker.slot + 1, worker.process.pid if worker.process else 0, how,
-                    lived, delay)
-        worker.process = None
+                    worker.slot + 1, pid, how, lived, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay)
         if not self._stopping.is_set():

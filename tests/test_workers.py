@@ -205,3 +205,22 @@ def test_workers_zero_means_one_per_core(tmp_path):
     root = write_config_dir(tmp_path / "cores", {"smtp.ini": "[main]\nworkers = 0\n"})
     workers = InboundSettings.from_config(Config.load(root)).workers
     assert workers == len(os.sched_getaffinity(0))
+
+
+async def test_a_worker_that_keeps_dying_waits_longer_and_the_others_are_still_watched(group):
+    _root, port, process = group()
+    await ready(process)
+    first = worker_pids(process)[1]
+    os.kill(first, signal.SIGKILL)
+    await asyncio.to_thread(process.wait_for, "worker 1 of 2 ready", start=len(process.lines))
+    again = worker_pids(process)[1]
+    assert again != first
+    mark = len(process.lines)
+    os.kill(again, signal.SIGKILL)  # dying again within a minute: the back-off doubles
+    await asyncio.to_thread(process.wait_for, "starting it again in 2s", start=mark)
+    os.kill(worker_pids(process)[2], signal.SIGKILL)  # seen while worker 1 waits
+    line = await asyncio.to_thread(process.wait_for, "worker 2 (pid", start=mark)
+    assert "starting it again in 1s" in line
+    await until(lambda: sum("of 2 ready" in x for x in process.lines[mark:]) == 2, 30,
+                lambda: process.log)
+    await asyncio.to_thread(send, port, 4)  # both serve again
