@@ -28,7 +28,7 @@ import pluggy
 from harakapy import hookspecs, shipped
 from harakapy.config import Config, ConfigError, Entry
 from harakapy.outbound.mx import MxHost
-from harakapy.results import Result, denysoft
+from harakapy.results import PLUGIN_FAILED, Result, denysoft
 from harakapy.tasks import BackgroundTask, tasks_of
 from harakapy.tls.policy import Policy
 from harakapy.view import Core, Server
@@ -324,4 +324,4 @@ class PluginManager:
     @staticmethod
     def failure_result(hook: str, plugin_name: str) -> Result:
         # The client learns nothing of our plugins; the log has the name and traceback.
-        return denysoft("temporary local problem, please try again later", enhanced="4.3.0")
+        return denysoft(PLUGIN_FAILED, enhanced="4.3.0")

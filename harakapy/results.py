@@ -11,6 +11,9 @@ import enum
 import re
 from dataclasses import dataclass
 
+# What a client hears when a plugin failed: nothing of our plugins (the log has them).
+PLUGIN_FAILED = "temporary local problem, please try again later"
+
 
 class Action(enum.Enum):
     """How a decision hook's answer stops the chain (Haraka's return codes)."""

@@ -219,6 +219,8 @@ class Negotiator:
                     ResultType.STARTTLS_NOT_SUPPORTED,
                     "TLS is required, but was not offered by the host",
                     "starttls-not-supported"), session)
+            elif plan.policy.discovery_failure is not None:
+                await self._report(plan, None, session)  # the discovery failure, below
             return session
         try:
             await session.starttls(self.context(plan), plan.servername)
@@ -315,6 +317,8 @@ class Negotiator:
                       session: SmtpSession | None, *, enforced: bool = True) -> None:
         if self.report is None or (plan.quiet and (failure is None or not enforced)):
             return  # quiet: only a failure that stops the mail is news
+        if failure is None and plan.policy.discovery_failure is not None:
+            failure, enforced = plan.policy.discovery_failure, False
         ssl_object = session.ssl_object if session is not None else None
         cipher = ssl_object.cipher() if ssl_object is not None else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from harakapy.results import Result
+from harakapy.results import PLUGIN_FAILED, Result
 from harakapy.tls.policy import Level, Policy
 from harakapy.tls.settings import TlsSettings
 
@@ -59,8 +59,12 @@ async def find_policy(hooks: HookCaller, config: Config, domain: str, hosts: lis
         "tls_policy", after=after, domain=domain, hosts=hosts, routed=routed,
         message=message)
     if isinstance(answer, Result):
+        # A plugin's own denysoft() says why the mail waits; a plugin that raised has
+        # its traceback in the log.
+        why = answer.message if answer.message and answer.message != PLUGIN_FAILED else \
+            f"plugin {plugin} failed"
         raise PolicyLookupError(f"the TLS policy for {domain} could not be determined "
-                                f"(plugin {plugin} failed)")
+                                f"({why})")
     if answer is None:
         level = tls_settings(config).default_level
         return Policy(level, reason="[outbound] default_level in config/tls.ini")

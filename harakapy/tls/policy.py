@@ -182,6 +182,9 @@ class Policy:
     :param mail_parameters: Parameters to send on ``MAIL FROM`` under this policy
         (``REQUIRETLS``).
     :param source: For RFC 8460 reports.
+    :param discovery_failure: Finding the policy went wrong (an MTA-STS policy host that
+        failed): each session under this policy reports it, as a failure that did not
+        stop the mail, unless the session has a failure of its own.
     :param reason: Why this policy: a file and line, a DNS record. Shown by
         ``harakapy tls-policy``.
     :param decided_by: The plugin that answered ``tls_policy``; the engine fills it in.
@@ -200,6 +203,7 @@ class Policy:
     required_extensions: tuple[str, ...] = ()
     mail_parameters: tuple[str, ...] = ()
     source: PolicySource = PolicySource()
+    discovery_failure: Failure | None = field(default=None, compare=False)
     reason: str = field(default="", compare=False)
     decided_by: str = field(default="", compare=False)
 
