@@ -9,6 +9,7 @@ from harakapy.config import Config, ConfigError, IniFile
 from harakapy.dns import DnsError, NoSuchDomain, Resolver
 from harakapy.inbound.address import Address
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction
+from harakapy.mta_sts import MtaSts
 from harakapy.outbound.mx import MxHost
 from harakapy.outbound.tls_policy import PolicyLookupError
 from harakapy.passwords import hash_password, is_password_hash, verify_password
@@ -44,6 +45,7 @@ __all__ = [
     "Failure",
     "IniFile",
     "Level",
+    "MtaSts",
     "MxHost",
     "NoSuchDomain",
     "Pin",

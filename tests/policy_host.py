@@ -19,10 +19,10 @@ class PolicyHost:
     """An HTTPS server on 127.0.0.x answering the well-known path with ``handler``; it
     records every path asked for."""
 
-    def __init__(self, host: str, context: ssl.SSLContext, handler) -> None:
+    def __init__(self, host: str, context: ssl.SSLContext, handler, port: int = 0) -> None:
         self.host, self.context, self.handler = host, context, handler
         self.requests: list[str] = []
-        self.port = 0
+        self.port = port
 
     async def __aenter__(self) -> PolicyHost:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -33,7 +33,8 @@ class PolicyHost:
         app.router.add_route("GET", "/{tail:.*}", handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, 0, ssl_context=self.context)
+        site = web.TCPSite(self.runner, self.host, self.port, ssl_context=self.context,
+                           reuse_address=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         return self

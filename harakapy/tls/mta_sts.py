@@ -131,7 +131,7 @@ class StsPolicy:
             reason=f"MTA-STS policy of {domain} (mode {how}, max_age {self.max_age})")
 
 
-def _check_mx(pattern: str) -> str:
+def check_mx_pattern(pattern: str) -> str:
     """An ``mx`` value: a domain in A-labels, or ``*.`` and one; lower-cased."""
     name = pattern[2:] if pattern.startswith("*.") else pattern
     labels = name.split(".")
@@ -170,7 +170,7 @@ def parse_policy(body: bytes) -> StsPolicy:
         if not value or any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
             raise StsError(f"line {number}: {key} has an empty or unprintable value")
         if key == "mx":
-            mx.append(_check_mx(value))
+            mx.append(check_mx_pattern(value))
         elif key in ("version", "mode", "max_age"):
             found.setdefault(key, value)  # RFC 8461 3.2: the first wins
     missing = [key for key in ("version", "mode", "max_age") if key not in found]

@@ -33,6 +33,12 @@ from harakapy.tls.sts_store import CachedPolicy, PolicyStore
 
 log = logging.getLogger("harakapy.mta_sts")
 
+# A cached policy's TXT record is read at most this often for mail that waits.
+RECHECK_INTERVAL = 60.0
+# "Mail went to the domain" is written to the cache at most this often per domain: the
+# refresh needs days, not every message.
+USE_RESOLUTION = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class StsSettings:
@@ -63,12 +69,15 @@ class StsAnswer:
         policy still applies).
     :ivar defer: Nothing is known and the TXT lookup failed: the mail waits (rule 4).
     :ivar entry: The cache entry behind the answer, for ``harakapy tls-policy``.
+    :ivar attempted: ``failure`` comes from a lookup or fetch made for this answer, not
+        from an earlier one that still stands.
     """
 
     policy: StsPolicy | None = None
     failure: Failure | None = None
     defer: bool = False
     entry: CachedPolicy | None = None
+    attempted: bool = False
 
 
 class StsClient:
@@ -89,15 +98,21 @@ class StsClient:
         self._context = policy_host_context(settings.ca_file)
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def lookup(self, domain: str) -> StsAnswer:
-        """The policy for mail to ``domain`` now (rules 1 to 4); notes the use."""
+    async def lookup(self, domain: str, *, recheck: bool = False) -> StsAnswer:
+        """The policy for mail to ``domain`` now (rules 1 to 4); notes the use.
+
+        :param recheck: Read the TXT record even within ``check_interval`` (at most once
+            a minute): for mail that is waiting, which RFC 8461 5.1 wants checked against
+            a changed policy before it bounces.
+        """
         async with self._locks.setdefault(domain, asyncio.Lock()):  # one fetch at a time
             now = self.clock.time()
             entry = await asyncio.to_thread(self.store.get, domain)
-            if entry is not None:
+            if entry is not None and now - entry.used >= USE_RESOLUTION:
                 await asyncio.to_thread(self.store.touch, domain, now)
-            if entry is not None and entry.valid_at(now) and \
-                    now - entry.checked < self.settings.check_interval:
+            interval = min(self.settings.check_interval, RECHECK_INTERVAL) if recheck \
+                else self.settings.check_interval
+            if entry is not None and entry.valid_at(now) and now - entry.checked < interval:
                 return self._cached(entry, now, _failure_of(entry.error))  # it stands
             return await self._discover(domain, entry, now, force=False)
 
@@ -125,7 +140,7 @@ class StsClient:
             if entry is not None and entry.valid_at(now):
                 return self._cached(entry, now, failure)
             log.warning("MTA-STS: %s: %s; the mail waits", domain, failure.reason)
-            return StsAnswer(None, failure, defer=True, entry=entry)
+            return StsAnswer(None, failure, defer=True, entry=entry, attempted=True)
         try:
             record = select_record(texts)
         except StsError as exc:
@@ -160,7 +175,7 @@ class StsClient:
             await asyncio.to_thread(self.store.put, noted)
             log.warning("MTA-STS: %s: %s%s", domain, exc,
                         "; the cached policy still applies" if noted.valid_at(now) else "")
-            return self._cached(noted, now, failure)
+            return replace(self._cached(noted, now, failure), attempted=True)
         policy = fetched.policy
         if policy.mode is Mode.NONE:
             # RFC 8461 8.3: a none policy ends the domain's use of MTA-STS.

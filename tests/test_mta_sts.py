@@ -1,0 +1,448 @@
+"""The mta_sts plugin end to end: real DNS from the test's DNS server, a real HTTPS policy
+host with test-CA certificates, real receiving MX servers, a STARTTLS-stripping proxy,
+and harakapy delivering between them (RFC 8461, ../shared/specs/mta-sts.md)."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import dns.zone
+import pytest
+from aiohttp import web
+
+from harakapy.tls.context import self_signed_context
+from tests.harness import eventually, running_server
+from tests.outbound_env import RECORDER, Env, EnvFactory
+from tests.policy_host import PolicyHost, server_context
+from tests.servers import ReceivingMTA, StartTlsStripper
+
+POLICY_IP, EXPIRED_POLICY_IP = "127.0.0.41", "127.0.0.42"
+MX_IP, MX2_IP, REAL_IP = "127.0.0.21", "127.0.0.22", "127.0.0.29"
+MX_HOSTS = (21, 22, 29)
+BODY = b"Subject: secret\r\n\r\nthe merger closes on friday\r\n"
+
+HEAD = """
+$TTL 300
+@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300
+@ NS ns.test.
+"""
+
+
+def policy(mode: str = "enforce", *mx: str, max_age: int = 86400) -> bytes:
+    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in mx),
+             f"max_age: {max_age}"]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class StsWorld:
+    """The destination side: DNS records per domain, the policy host's answers, the MX
+    servers; ``world.env`` is harakapy's side (tests/outbound_env.py)."""
+
+    def __init__(self, env: Env, host: PolicyHost) -> None:
+        self.env, self.host = env, host
+        self.records: dict[str, list[str]] = {}
+        self.answers: dict[str, Answer] = {}
+
+    def domain(self, name: str, *, mx: tuple[tuple[int, str, str], ...] | None = None,
+               txt: str | None = "v=STSv1; id=1", answer: Answer | None = None,
+               policy_ip: str = POLICY_IP) -> None:
+        """``name`` with its MX records, its ``_mta-sts`` TXT and its policy host."""
+        hosts = mx if mx is not None else ((10, f"mx.{name}", MX_IP),)
+        lines = [f"{name}. MX {pref} {host}." for pref, host, _ in hosts]
+        lines += [f"{host}. A {ip}" for _, host, ip in hosts]
+        if txt is not None:
+            lines.append(f'_mta-sts.{name}. TXT "{txt}"')
+        lines.append(f"mta-sts.{name}. A {policy_ip}")
+        self.records[name] = lines
+        self.answers[name] = answer or Answer(body=policy("enforce", f"mx.{name}"))
+        self.publish_zone()
+
+    def txt(self, name: str, text: str) -> None:
+        self.records[name] = [line for line in self.records[name]
+                              if not line.startswith("_mta-sts.")]
+        self.records[name].append(f'_mta-sts.{name}. TXT "{text}"')
+        self.publish_zone()
+
+    def publish_zone(self) -> None:
+        text = HEAD + "\n".join(line for lines in self.records.values() for line in lines)
+        self.env.dns.zone = dns.zone.from_text(text + "\n", origin="test.",
+                                               relativize=False, check_origin=False)
+
+    async def mx(self, ip: str, *names: str, **options) -> ReceivingMTA:
+        """A receiving server on ``ip`` whose certificate (from the test CA) has
+        ``names``; ``tls_context`` instead for another kind."""
+        if names:
+            options["cert"] = self.env.certs.files(f"mx-{ip}", *names)
+        return await self.env.mta(ip, **options)
+
+    async def stripper(self, ip: str, upstream: ReceivingMTA) -> StartTlsStripper:
+        return await self.env.stack.enter_async_context(
+            StartTlsStripper(ip, self.env.port, upstream=(upstream.host, self.env.port)))
+
+    def fetches(self, name: str) -> int:
+        return sum(1 for host in self.host.requests if host == name)
+
+
+def mta_sts_ini(port: int, extra: str = "") -> str:
+    return f"[main]\nport = {port}\ncheck_interval = 5m\n{extra}"
+
+
+@pytest.fixture
+async def sts_world(outbound_env: EnvFactory):
+    """``world = await sts_world(mta_sts_ini_extra="", plugins=...)``."""
+    worlds: list[StsWorld] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        world = worlds[0]
+        name = request.host.partition(":")[0].removeprefix("mta-sts.")
+        world.host.requests.append(name)
+        found = world.answers.get(name, Answer(404, b"not here"))
+        return web.Response(status=found.status, body=found.body,
+                            headers={"Content-Type": found.content_type, **found.headers})
+
+    policy_names = [f"mta-sts.{d}" for d in ("a.test", "b.test", "two.test", "t.test",
+                                             "gone.test", "moved.test", "big.test",
+                                             "html.test", "lapsed.test", "none.test")]
+    ca = outbound_env.certs.ca  # the one harakapy trusts (tls.ini ca_file)
+    host = await outbound_env.stack.enter_async_context(
+        PolicyHost(POLICY_IP, server_context(ca, *policy_names), answer))
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    await outbound_env.stack.enter_async_context(PolicyHost(
+        EXPIRED_POLICY_IP, server_context(ca, "mta-sts.expired.test", not_before=past,
+                                          not_after=past + datetime.timedelta(days=30)),
+        answer, port=host.port))
+    host.requests.clear()
+
+    async def start(extra: str = "", *, plugins: str = "relay\nmta_sts\nrecorder\n",
+                    plugin_files: dict[str, str] | None = None) -> StsWorld:
+        env = await outbound_env(HEAD, files={
+            "tls.ini": f"[outbound]\nca_file = {outbound_env.ca_file}\n",
+            "mta_sts.ini": mta_sts_ini(host.port, extra),
+        }, plugins=plugins, plugin_files={"recorder": RECORDER, **(plugin_files or {})},
+            hosts=MX_HOSTS, body=BODY)
+        worlds.append(StsWorld(env, host))
+        return worlds[0]
+
+    return start
+
+
+def plaintext_seen(attacker: StartTlsStripper) -> bytes:
+    return bytes(attacker.from_client)
+
+
+# -- enforce --------------------------------------------------------------------------------
+
+async def test_enforce_delivers_over_verified_tls_and_reports_the_policy(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    mx = await world.mx(MX_IP, "mx.a.test")
+    await world.env.send("bob@a.test")
+    await eventually(lambda: mx.messages)
+    assert mx.messages[0].tls
+    (result,) = world.env.captured("tls_result")
+    assert result.success and result.policy_type == "sts" and result.policy_domain == "a.test"
+    assert result.mx_host_patterns == ("mx.a.test",) and result.decided_by == "mta_sts"
+    assert result.policy_strings == ("version: STSv1", "mode: enforce", "mx: mx.a.test",
+                                     "max_age: 86400")
+    assert world.fetches("a.test") == 1
+
+
+async def test_enforce_with_starttls_stripped_waits_and_the_proxy_reads_no_mail(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    real = await world.mx(REAL_IP, "mx.a.test")
+    attacker = await world.stripper(MX_IP, real)
+    await world.env.send("bob@a.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    seen = plaintext_seen(attacker)
+    assert b"EHLO" in seen
+    assert b"MAIL FROM" not in seen and b"RCPT TO" not in seen and b"merger" not in seen
+    assert real.messages == []
+    (failure,) = world.env.failures()
+    assert failure.result_type == "starttls-not-supported" and failure.enforced
+    assert failure.policy_type == "sts"
+    (reason,) = world.env.captured("deferred")
+    assert "STARTTLS" in reason or "TLS is required" in reason
+
+
+async def test_enforce_refuses_a_certificate_for_another_name(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    mx = await world.mx(MX_IP, "mx.elsewhere.example")
+    await world.env.send("bob@a.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    assert mx.messages == []
+    (failure,) = world.env.failures()
+    assert failure.result_type == "certificate-host-mismatch" and failure.enforced
+
+
+async def test_enforce_refuses_a_certificate_no_trusted_ca_signed(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.a.test"))
+    await world.env.send("bob@a.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    assert mx.messages == []
+    assert world.env.failures()[0].result_type == "certificate-not-trusted"
+
+
+async def test_an_mx_outside_the_patterns_is_never_connected(sts_world):
+    world = await sts_world()
+    world.domain("a.test", answer=Answer(body=policy("enforce", "mx.other.test")))
+    mx = await world.mx(MX_IP, "mx.a.test")
+    await world.env.send("bob@a.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    assert mx.connections == 0
+    (failure,) = world.env.failures()
+    assert failure.failure.code == "mtasts-policy-mx-mismatch" and failure.enforced
+
+
+async def test_a_wildcard_pattern_matches_one_label_only(sts_world):
+    world = await sts_world()
+    world.domain("a.test", mx=((10, "deep.mx.a.test", MX_IP), (20, "mx.a.test", MX2_IP)),
+                 answer=Answer(body=policy("enforce", "*.a.test")))
+    deep = await world.mx(MX_IP, "deep.mx.a.test")
+    good = await world.mx(MX2_IP, "mx.a.test")
+    await world.env.send("bob@a.test")
+    await eventually(lambda: good.messages)
+    assert deep.connections == 0  # *.a.test does not match deep.mx.a.test (RFC 8461 4.1)
+
+
+async def test_mx_10_stripped_and_mx_20_good_delivers_at_mx_20_only(sts_world):
+    world = await sts_world()
+    world.domain("two.test", mx=((10, "mx1.two.test", MX_IP), (20, "mx2.two.test", MX2_IP)),
+                 answer=Answer(body=policy("enforce", "mx1.two.test", "mx2.two.test")))
+    hidden = await world.mx(REAL_IP, "mx1.two.test")
+    attacker = await world.stripper(MX_IP, hidden)
+    good = await world.mx(MX2_IP, "mx2.two.test")
+    await world.env.send("bob@two.test")
+    await eventually(lambda: good.messages)
+    assert good.messages[0].tls and hidden.messages == []
+    assert b"MAIL FROM" not in plaintext_seen(attacker)
+    failure, success = world.env.captured("tls_result")
+    assert failure.mx_hostname == "mx1.two.test" and not failure.success
+    assert success.mx_hostname == "mx2.two.test" and success.success
+
+
+async def test_an_enforce_failure_finally_bounces(sts_world):
+    world = await sts_world()
+    world.domain("a.test", answer=Answer(body=policy("enforce", "mx.a.test",
+                                                     max_age=31_000_000)))
+    await world.mx(MX_IP, "mx.elsewhere.example")
+    sender_mx = await world.env.mta("127.0.0.29")
+    world.records["sender.test"] = ["sender.test. MX 10 mx.sender.test.",
+                                    "mx.sender.test. A 127.0.0.29"]
+    world.publish_zone()
+    await world.env.send("bob@a.test")
+    await eventually(world.env.deferral_recorded)
+    for _ in range(20):  # each retry moves the clock to the next; the last one expires
+        if world.env.deferrals() == 0 or sender_mx.messages:
+            break
+        await world.env.retry()
+    await eventually(lambda: sender_mx.messages)
+    assert b"certificate names" in sender_mx.messages[0].data
+
+
+# -- testing ----------------------------------------------------------------------------------
+
+async def test_testing_mode_delivers_to_a_self_signed_mx_and_reports_it(sts_world):
+    world = await sts_world()
+    world.domain("t.test", answer=Answer(body=policy("testing", "mx.t.test")))
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.t.test"))
+    await world.env.send("bob@t.test")
+    await eventually(lambda: mx.messages)
+    assert mx.messages[0].tls
+    (failure,) = world.env.captured("tls_result")
+    assert failure.result_type == "certificate-not-trusted" and not failure.enforced
+    assert failure.policy_type == "sts" and "mode: testing" in failure.policy_strings
+
+
+async def test_testing_mode_delivers_through_a_stripper_and_reports_it(sts_world):
+    world = await sts_world()
+    world.domain("t.test", answer=Answer(body=policy("testing", "mx.t.test")))
+    real = await world.mx(REAL_IP, "mx.t.test")
+    await world.stripper(MX_IP, real)
+    await world.env.send("bob@t.test")
+    await eventually(lambda: real.messages)
+    (failure,) = world.env.captured("tls_result")
+    assert failure.result_type == "starttls-not-supported" and not failure.enforced
+
+
+async def test_a_domain_override_enforces_a_testing_policy(sts_world):
+    world = await sts_world("[domain t.test]\napply = enforce\n")
+    world.domain("t.test", answer=Answer(body=policy("testing", "mx.t.test")))
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.t.test"))
+    await world.env.send("bob@t.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    assert mx.messages == [] and world.env.failures()[0].enforced
+
+
+async def test_an_ignored_domain_is_not_looked_up(sts_world):
+    world = await sts_world("[domain a.test]\napply = ignore\n")
+    world.domain("a.test")
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.a.test"))
+    await world.env.send("bob@a.test")
+    await eventually(lambda: mx.messages)
+    assert world.fetches("a.test") == 0
+    assert not any(name.startswith("_mta-sts.a.test") for name, _ in world.env.dns.queries)
+
+
+# -- the policy's life ------------------------------------------------------------------------
+
+async def test_a_new_id_brings_the_new_policy_after_the_check_interval(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    first = await world.mx(MX_IP, "mx.a.test")
+    second = await world.mx(MX2_IP, "mx2.a.test")
+    await world.env.send("bob@a.test")
+    await eventually(lambda: first.messages)
+    world.records["a.test"] += ["a.test. MX 20 mx2.a.test.", "mx2.a.test. A 127.0.0.22"]
+    world.answers["a.test"] = Answer(body=policy("enforce", "mx2.a.test"))
+    world.txt("a.test", "v=STSv1; id=2")
+    await world.env.advance(301)
+    await world.env.send("carol@a.test")
+    await eventually(lambda: second.messages)
+    assert len(first.messages) == 1 and world.fetches("a.test") == 2
+
+
+async def test_the_same_id_fetches_nothing(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    mx = await world.mx(MX_IP, "mx.a.test")
+    for count, who in enumerate(("bob", "carol", "dave"), 1):
+        await world.env.send(f"{who}@a.test")
+        await eventually(lambda count=count: len(mx.messages) == count)
+        await world.env.advance(301)
+    assert world.fetches("a.test") == 1
+
+
+async def test_a_cached_policy_survives_a_failing_refresh_and_a_restart(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    real = await world.mx(REAL_IP, "mx.a.test")
+    await world.env.send("bob@a.test")
+    world.records["a.test"] = [line.replace(MX_IP, REAL_IP) for line in
+                               world.records["a.test"]]
+    world.publish_zone()
+    await eventually(lambda: real.messages)
+    # The policy host goes away and the TXT id changes: the fetch fails, the cached
+    # enforce policy stays, and a stripper in front of the MX gets nothing.
+    world.answers["a.test"] = Answer(500, b"down")
+    world.txt("a.test", "v=STSv1; id=2")
+    world.records["a.test"] = [line.replace(REAL_IP, MX_IP) for line in
+                               world.records["a.test"]]
+    world.publish_zone()
+    attacker = await world.stripper(MX_IP, real)
+    await world.env.advance(301)
+    await world.env.send("carol@a.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    assert b"MAIL FROM" not in plaintext_seen(attacker)
+    reported = [r.result_type for r in world.env.failures()]
+    assert "sts-policy-fetch-error" in reported or "starttls-not-supported" in reported
+    # Restarted, with the policy host still down and TXT failing too: still enforced.
+    root = world.env.hp.root
+    await world.env.hp.server.stop(grace=1.0)
+    world.env.dns.servfail.add("_mta-sts.a.test")
+    attacker.from_client.clear()
+    async with running_server(root, clock=world.env.clock) as again:
+        await world.env.advance(120)  # past the retry, well within the hour's lifetime
+        await eventually(lambda: any(kind == "deferred" for kind, _ in again.captured))
+    assert attacker.connections >= 2  # it was tried again, through the stripper
+    assert b"MAIL FROM" not in plaintext_seen(attacker) and len(real.messages) == 1
+
+
+async def test_mode_none_removes_the_policy(sts_world):
+    world = await sts_world()
+    world.domain("none.test", mx=((10, "mx.none.test", MX_IP),))
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.none.test"))
+    world.answers["none.test"] = Answer(body=policy("none", max_age=86400))
+    await world.env.send("bob@none.test")
+    await eventually(lambda: mx.messages)
+    assert mx.messages[0].tls and world.env.failures() == []  # as if no policy
+
+
+# -- discovery and fetch failures -------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "answer", "result_type"), [
+    ("moved.test", Answer(301, b"", headers={"Location": "https://mta-sts.a.test/"}),
+     "sts-policy-fetch-error"),
+    ("big.test", Answer(body=policy("enforce", "mx.big.test") + b"x: " + b"y" * 70_000),
+     "sts-policy-invalid"),
+    ("html.test", Answer(body=policy("enforce", "mx.html.test"), content_type="text/html"),
+     "sts-policy-invalid"),
+    ("gone.test", Answer(404, b"not found"), "sts-policy-fetch-error"),
+])
+async def test_a_policy_that_cannot_be_had_is_no_policy_and_is_reported(
+        sts_world, name, answer, result_type):
+    world = await sts_world()
+    world.domain(name, answer=answer)
+    mx = await world.mx(MX_IP, f"mx.{name}")
+    await world.env.send(f"bob@{name}")
+    await eventually(lambda: mx.messages)  # RFC 8461 3.3: as if the domain had none
+    (report,) = world.env.captured("tls_result")
+    assert report.result_type == result_type and not report.enforced
+    assert report.policy_type == "sts" and report.policy_domain == name
+
+
+async def test_an_expired_policy_host_certificate_is_sts_webpki_invalid(sts_world):
+    world = await sts_world()
+    world.domain("expired.test", policy_ip=EXPIRED_POLICY_IP)
+    mx = await world.mx(MX_IP, "mx.expired.test")
+    await world.env.send("bob@expired.test")
+    await eventually(lambda: mx.messages)
+    (report,) = world.env.captured("tls_result")
+    assert report.result_type == "sts-webpki-invalid"
+
+
+async def test_a_txt_record_with_control_characters_is_no_policy(sts_world):
+    world = await sts_world()
+    world.domain("a.test", txt="v=STSv1; id=\\0071")
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.a.test"))
+    await world.env.send("bob@a.test")
+    await eventually(lambda: mx.messages)
+    assert world.fetches("a.test") == 0 and world.env.failures() == []
+
+
+async def test_a_txt_lookup_that_fails_with_nothing_cached_makes_the_mail_wait(sts_world):
+    world = await sts_world()
+    world.domain("a.test")
+    world.env.dns.servfail.add("_mta-sts.a.test")
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.a.test"))
+    await world.env.send("bob@a.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    (reason,) = world.env.captured("deferred")
+    assert "MTA-STS policy of a.test is not known" in reason
+    assert mx.connections == 0
+
+
+# -- routed mail ------------------------------------------------------------------------------
+
+ROUTER = '''
+from harakapy import MxHost, hookimpl
+
+
+@hookimpl
+def get_mx(domain, server):
+    port = server.config.ini("outbound.ini").get_int("main", "port")
+    return MxHost("mx.b.test", port=port) if domain == "routed.test" else None
+'''
+
+
+async def test_routed_mail_uses_the_routes_policy_never_the_recipient_domains(sts_world):
+    world = await sts_world(plugins="relay\nrouter\nmta_sts\nrecorder\n",
+                            plugin_files={"router": ROUTER})
+    world.domain("b.test", txt=None)  # the route's host has no policy ...
+    world.domain("routed.test", answer=Answer(body=policy("enforce", "mx.nowhere.test")))
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.b.test"))
+    await world.env.send("bob@routed.test")  # ... and the recipient domain's is not asked
+    await eventually(lambda: mx.messages)
+    assert world.fetches("routed.test") == 0
