@@ -206,6 +206,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 def cmd_tls_policy(args: argparse.Namespace) -> int:
     import json
 
+    from harakapy import mta_sts_cli
     from harakapy.outbound.diagnose import diagnose, format_text
     from harakapy.outbound.tls_policy import PolicyLookupError
     from harakapy.server import MailServer
@@ -220,6 +221,10 @@ def cmd_tls_policy(args: argparse.Namespace) -> int:
             result = await diagnose(server, args.domain, probe=args.probe)
         finally:
             await server.plugins.call_all("shutdown")
+        if any(plugin.name == mta_sts_cli.PLUGIN for plugin in server.plugins.plugins):
+            facts = await mta_sts_cli.state(server.config, result.domain)
+            result.details["mta_sts"] = facts
+            result.detail_lines = mta_sts_cli.format_state(facts)
         return json.dumps(result.as_dict(), indent=1) if args.json else format_text(result)
 
     try:
@@ -229,6 +234,49 @@ def cmd_tls_policy(args: argparse.Namespace) -> int:
     except PolicyLookupError as exc:
         return _fail(f"{exc}; the log above has why", 1)
     return 0
+
+
+def cmd_mta_sts(args: argparse.Namespace) -> int:
+    import json
+
+    from harakapy import mta_sts_cli
+    from harakapy.config import Config
+    from harakapy.dns import DnsError
+
+    logs.setup("text", "warning")
+    root = Path(args.config_dir) if args.config_dir else None
+
+    failed = False
+
+    async def main() -> str:
+        nonlocal failed
+        config = Config.load(root)
+        if args.action == "list":
+            entries = await mta_sts_cli.cache_list(config)
+            return json.dumps(entries, indent=1) if args.json else \
+                mta_sts_cli.format_list(entries)
+        if args.action == "refresh":
+            domain = args.domain.strip().rstrip(".").lower()
+            answer, facts = await mta_sts_cli.refresh(config, domain)
+            failed = answer.failure is not None
+            if args.json:
+                return json.dumps({"domain": domain, "applies": answer.policy is not None,
+                                   "failure": answer.failure.reason if answer.failure
+                                   else "", "entry": facts}, indent=1)
+            return mta_sts_cli.format_refresh(domain, answer, facts)
+        facts = await mta_sts_cli.publication(config, args.domain)
+        return json.dumps(facts, indent=1) if args.json else \
+            mta_sts_cli.format_publication(facts)
+
+    try:
+        print(_run_loop(main()))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    except DnsError as exc:
+        return _fail(f"the MX records of {args.domain} could not be read: {exc.reason}", 1)
+    except OSError as exc:
+        return _fail(f"the MTA-STS cache could not be opened: {exc}", 1)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--probe", action="store_true",
                         help="connect to each MX under the policy and report what it does")
     policy.set_defaults(func=cmd_tls_policy)
+
+    sts = commands.add_parser(
+        "mta-sts", help="the MTA-STS policy cache, and our own domains' policies",
+        description="list: the cached MTA-STS policies of destinations. refresh DOMAIN: "
+                    "read its TXT record and fetch its policy now. publish DOMAIN: the DNS "
+                    "records and the policy file to publish for a domain of ours "
+                    "([publish DOMAIN] in config/mta_sts.ini).")
+    sts_actions = sts.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sts_actions.add_parser("list", help="the cached policies, with their state")
+    for name, text in (("refresh", "fetch a destination's policy now"),
+                       ("publish", "records and policy file for a domain of ours")):
+        sts_actions.add_parser(name, help=text, description=text).add_argument(
+            "domain", metavar="DOMAIN")
+    for action in sts_actions.choices.values():
+        action.add_argument("-c", "--config-dir", metavar="DIR",
+                            help="config directory (default: the shipped defaults)")
+        action.add_argument("--json", action="store_true", help="machine-readable output")
+    sts.set_defaults(func=cmd_mta_sts)
 
     passwd = commands.add_parser(
         "passwd", help="hash a password for auth/flat_file",

@@ -11,6 +11,7 @@ import trustme
 from tests.dns_server import DnsServer
 from tests.harness import write_config_dir
 from tests.outbound_env import EnvFactory, start_tls_env
+from tests.sts_world import sts_world_factory
 
 
 @pytest.fixture
@@ -78,3 +79,10 @@ async def dest_dns():
     server = await DnsServer(DEST_ZONE).start()
     yield server
     server.close()
+
+
+@pytest.fixture
+async def sts_world(outbound_env):
+    """``world = await sts_world(mta_sts_ini_extra, plugins=...)``: harakapy with the
+    mta_sts plugin and the destinations' side (tests/sts_world.py)."""
+    return await sts_world_factory(outbound_env)

@@ -58,9 +58,15 @@ class Diagnosis:
     hosts: list[str] = field(default_factory=list)
     error: str = ""
     probes: list[Probe] = field(default_factory=list)
+    # What policy plugins know beyond the policy (the MTA-STS cache entry), as the
+    # command that fills it formats it: key to facts, and the lines of text.
+    details: dict[str, Any] = field(default_factory=dict)
+    detail_lines: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        facts = dataclasses.asdict(self)
+        del facts["detail_lines"]
+        return facts
 
 
 async def diagnose(server: QueueHost, domain: str, *, probe: bool) -> Diagnosis:
@@ -221,6 +227,7 @@ def format_text(result: Diagnosis) -> str:
              f"report as:   policy-type {result.source.get('type')}"
              + (f", policy-domain {result.source['domain']}" if result.source.get("domain")
                 else "")]
+    lines += result.detail_lines
     if result.error:
         lines.append(f"next hops:   none: {result.error}")
     else:
