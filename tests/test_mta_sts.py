@@ -282,13 +282,18 @@ async def test_an_expired_policy_host_certificate_is_sts_webpki_invalid(sts_worl
     assert report.result_type == "sts-webpki-invalid"
 
 
-async def test_a_txt_record_with_control_characters_is_no_policy(sts_world):
+async def test_a_txt_record_with_control_characters_is_no_policy_and_reported(sts_world,
+                                                                              caplog):
     world = await sts_world()
     world.domain("a.test", txt="v=STSv1; id=\\0071")
     mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.a.test"))
     await world.env.send("bob@a.test")
     await eventually(lambda: mx.messages)
-    assert world.fetches("a.test") == 0 and world.env.failures() == []
+    assert world.fetches("a.test") == 0
+    (report,) = world.env.failures()
+    assert report.result_type == "sts-policy-invalid" and not report.enforced
+    (line,) = [r.getMessage() for r in caplog.records if "_mta-sts.a.test" in r.getMessage()]
+    assert "a.test" in line and "\\x07" in line and "\x07" not in line  # escaped
 
 
 async def test_a_txt_lookup_that_fails_with_nothing_cached_makes_the_mail_wait(sts_world):
@@ -325,3 +330,43 @@ async def test_routed_mail_uses_the_routes_policy_never_the_recipient_domains(st
     await world.env.send("bob@routed.test")  # ... and the recipient domain's is not asked
     await eventually(lambda: mx.messages)
     assert world.fetches("routed.test") == 0
+
+
+# -- what it costs ----------------------------------------------------------------------------
+
+async def test_mail_to_a_domain_without_mta_sts_asks_dns_once_per_check_interval(sts_world):
+    world = await sts_world()
+    world.domain("a.test", txt=None)
+    mx = await world.mx(MX_IP, tls_context=self_signed_context("mx.a.test"))
+
+    def txt_queries() -> int:
+        return sum(1 for name, kind in world.env.dns.queries
+                   if name == "_mta-sts.a.test" and kind == "TXT")
+
+    for count in (1, 2, 3):
+        await world.env.send(f"user{count}@a.test")
+        await eventually(lambda count=count: len(mx.messages) == count)
+    assert txt_queries() == 1
+    await world.env.advance(301)
+    await world.env.send("later@a.test")
+    await eventually(lambda: len(mx.messages) == 4)
+    assert txt_queries() == 2
+
+
+async def test_waiting_mail_rereads_the_txt_record_before_the_check_interval(sts_world):
+    # RFC 8461 5.1: before mail that an enforce policy holds back bounces, the policy is
+    # checked for a change. A retry a minute later reads the TXT record again.
+    world = await sts_world()
+    world.domain("a.test")
+    await world.mx(MX_IP, "mx.elsewhere.example")  # fails the policy
+    await world.env.send("bob@a.test")
+    await eventually(world.env.deferral_recorded)
+    good = await world.mx(MX2_IP, "mx2.a.test")
+    world.records["a.test"] = [line for line in world.records["a.test"]
+                               if " MX " not in line and "mx.a.test" not in line]
+    world.records["a.test"] += ["a.test. MX 10 mx2.a.test.", "mx2.a.test. A 127.0.0.22"]
+    world.answers["a.test"] = Answer(body=policy("enforce", "mx2.a.test"))
+    world.txt("a.test", "v=STSv1; id=2")
+    await world.env.retry()  # 60 s later: within the 5-minute check interval
+    await eventually(lambda: good.messages)
+    assert world.fetches("a.test") == 2

@@ -43,6 +43,10 @@ class StsError(ValueError):
         self.reason = reason
 
 
+class NoRecord(StsError):
+    """The domain has no STS record: it does not use MTA-STS (not a fault)."""
+
+
 class Mode(enum.StrEnum):
     """The ``mode`` of a policy, with its wire spelling."""
 
@@ -95,7 +99,7 @@ def select_record(texts: list[str]) -> StsRecord:
     """
     candidates = [text for text in texts if _FIELD_DELIM.split(text, 1)[0] == "v=STSv1"]
     if not candidates:
-        raise StsError("no v=STSv1 record")
+        raise NoRecord("no v=STSv1 record")
     if len(candidates) > 1:
         raise StsError(f"{len(candidates)} v=STSv1 records (exactly one is allowed)")
     return parse_record(candidates[0])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from harakapy.clock import Clock
 from harakapy.dns import DnsError, Resolver
-from harakapy.tls.mta_sts import Mode, StsError, StsPolicy, select_record
+from harakapy.tls.mta_sts import Mode, NoRecord, StsError, StsPolicy, select_record
 from harakapy.tls.results import Failure, ResultType
 from harakapy.tls.sts_fetch import FetchError, fetch_policy, policy_host_context
 from harakapy.tls.sts_store import CachedPolicy, PolicyStore
@@ -97,24 +97,39 @@ class StsClient:
         self.settings = settings
         self._context = policy_host_context(settings.ca_file)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._seen: dict[str, _Seen] = {}
 
     async def lookup(self, domain: str, *, recheck: bool = False) -> StsAnswer:
         """The policy for mail to ``domain`` now (rules 1 to 4); notes the use.
+
+        An answer is kept in memory for as long as it would stand in the cache (a valid
+        policy until its TXT record is due, no policy until ``check_interval`` has
+        passed), so that mail to a domain costs no file read, no parsing and no DNS query
+        in between.
 
         :param recheck: Read the TXT record even within ``check_interval`` (at most once
             a minute): for mail that is waiting, which RFC 8461 5.1 wants checked against
             a changed policy before it bounces.
         """
+        interval = min(self.settings.check_interval, RECHECK_INTERVAL) if recheck \
+            else self.settings.check_interval
+        now = self.clock.time()
+        seen = self._seen.get(domain)
+        if seen is not None and seen.stands(now, interval):
+            if seen.answer.entry is not None and now - seen.used >= USE_RESOLUTION:
+                seen.used = now
+                await asyncio.to_thread(self.store.touch, domain, now)
+            return seen.answer
         async with self._locks.setdefault(domain, asyncio.Lock()):  # one fetch at a time
             now = self.clock.time()
             entry = await asyncio.to_thread(self.store.get, domain)
             if entry is not None and now - entry.used >= USE_RESOLUTION:
                 await asyncio.to_thread(self.store.touch, domain, now)
-            interval = min(self.settings.check_interval, RECHECK_INTERVAL) if recheck \
-                else self.settings.check_interval
             if entry is not None and entry.valid_at(now) and now - entry.checked < interval:
-                return self._cached(entry, now, _failure_of(entry.error))  # it stands
-            return await self._discover(domain, entry, now, force=False)
+                answer = self._cached(entry, now, _failure_of(entry.error))  # it stands
+            else:
+                answer = await self._discover(domain, entry, now, force=False)
+            return self._remember(domain, answer, now)
 
     async def refresh(self, domain: str) -> StsAnswer:
         """Look at the TXT record and fetch the policy now, whatever its ``id`` says (the
@@ -122,7 +137,17 @@ class StsClient:
         async with self._locks.setdefault(domain, asyncio.Lock()):
             now = self.clock.time()
             entry = await asyncio.to_thread(self.store.get, domain)
-            return await self._discover(domain, entry, now, force=True)
+            answer = await self._discover(domain, entry, now, force=True)
+            return self._remember(domain, answer, now)
+
+    def _remember(self, domain: str, answer: StsAnswer, now: float) -> StsAnswer:
+        if answer.defer:
+            self._seen.pop(domain, None)  # nothing known: ask again next time
+        else:
+            looked = answer.entry.checked if answer.policy is not None and answer.entry \
+                else now
+            self._seen[domain] = _Seen(replace(answer, attempted=False), looked, now)
+        return answer
 
     def _cached(self, entry: CachedPolicy | None, now: float,
                 failure: Failure | None = None) -> StsAnswer:
@@ -143,14 +168,19 @@ class StsClient:
             return StsAnswer(None, failure, defer=True, entry=entry, attempted=True)
         try:
             record = select_record(texts)
+        except NoRecord:
+            # RFC 8461 3.1: no record does not evict a cached policy.
+            return self._cached(entry, now)
         except StsError as exc:
-            # RFC 8461 3.1: no (usable) record does not evict a cached policy.
+            # Nor does a broken one; with nothing cached it is no policy, and reported.
+            failure = Failure(ResultType.STS_POLICY_INVALID,
+                              f"_mta-sts.{domain} TXT: {exc.reason}")
             if entry is not None and entry.valid_at(now):
-                if texts:
-                    log.info("MTA-STS: %s: %s; the cached policy applies", domain,
-                             exc.reason)
+                log.info("MTA-STS: %s: %s; the cached policy applies", domain,
+                         failure.reason)
                 return self._cached(entry, now)
-            return StsAnswer(None, entry=entry)
+            log.warning("MTA-STS: %s: %s; no policy applies", domain, failure.reason)
+            return StsAnswer(None, failure, entry=entry, attempted=True)
         if (not force and entry is not None and entry.valid_at(now)
                 and entry.record_id == record.id):
             checked = replace(entry, checked=now)
@@ -188,6 +218,21 @@ class StsClient:
         log.info("MTA-STS: %s: policy %s fetched (mode %s, max_age %d)", domain, record_id,
                  policy.mode.value, policy.max_age)
         return StsAnswer(policy, entry=fresh)
+
+
+@dataclass(slots=True)
+class _Seen:
+    """An answer kept in memory: ``looked`` is when its TXT record was last read."""
+
+    answer: StsAnswer
+    looked: float
+    used: float
+
+    def stands(self, now: float, interval: float) -> bool:
+        entry = self.answer.entry
+        if self.answer.policy is not None and (entry is None or not entry.valid_at(now)):
+            return False  # expired
+        return now - self.looked < interval
 
 
 def _body(policy: StsPolicy) -> bytes:
