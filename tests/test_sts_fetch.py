@@ -195,3 +195,21 @@ async def test_a_host_that_stalls_runs_into_the_deadline(dns, tls_ca, ca_file):
                              fetch(dns, ca_file, "good.test", host.port, timeout=1.0))
         never.set()
     assert "within 1s" in error.reason
+
+
+async def test_a_body_cut_short_is_a_fetch_error_not_a_policy(dns, tls_ca, ca_file):
+    # The headers promise more than comes before the connection closes: what arrived
+    # would parse (it is a whole policy), but it is not what the host meant to send.
+    async def cut(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/plain",
+                                               "Content-Length": str(len(POLICY) + 500)})
+        await response.prepare(request)
+        await response.write(POLICY)
+        request.transport.close()
+        return response
+
+    async with PolicyHost("127.0.0.31", server_context(tls_ca, "mta-sts.good.test"),
+                          cut) as host:
+        error = await expect(ResultType.STS_POLICY_FETCH_ERROR,
+                             fetch(dns, ca_file, "good.test", host.port, timeout=5.0))
+    assert "good.test" in error.reason
