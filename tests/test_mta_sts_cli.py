@@ -139,3 +139,15 @@ async def test_a_bad_mta_sts_ini_is_named_by_file_and_line(sts_world):
     assert done.returncode == 2
     assert "mta_sts.ini:5:" in done.stderr and "mode" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_listener_certificate_that_does_not_load_stops_the_start(sts_world):
+    world = await sts_world()
+    config = world.env.hp.root / "config"
+    (config / "bad.pem").write_text("not a certificate\n")
+    (config / "mta_sts.ini").write_text((config / "mta_sts.ini").read_text() +
+                                        "[listen]\naddress = 127.0.0.43:8443\n"
+                                        "cert = bad.pem\nkey = bad.pem\n")
+    done = await cli("mta-sts", "list", "-c", str(world.env.hp.root))
+    assert done.returncode == 2 and "cannot load the certificate" in done.stderr
+    assert "mta_sts.ini:6:" in done.stderr

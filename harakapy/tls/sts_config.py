@@ -13,6 +13,7 @@ Sections:
 from __future__ import annotations
 
 import enum
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,4 +228,9 @@ def _listener(config: Config, ini: IniFile) -> Listener | None:
         if not path.is_file():
             raise ini.error("listen", key, f"{path}: no such file")
         paths.append(path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths[0], paths[1])
+    except (OSError, ssl.SSLError) as exc:
+        raise ini.error("listen", "cert", f"cannot load the certificate and key: "
+                                          f"{exc}") from None
     return Listener(host, int(port_text), paths[0], paths[1])
