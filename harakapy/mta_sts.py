@@ -52,7 +52,7 @@ PUBLISHED_MX_TTL = 300.0
 def sts_config(config: Config) -> StsConfig:
     """``config/mta_sts.ini``, checked, with ``[outbound] ca_file`` of ``tls.ini``."""
     return config.derive("mta_sts.config", lambda c: StsConfig.from_config(
-        c, tls_settings(c).ca_file))
+        c, tls_settings(c).ca_file, tls_settings(c).min_version))
 
 
 def cache_path(config: Config) -> Path:
@@ -111,7 +111,8 @@ class MtaSts:
         if apply is Apply.IGNORE:
             return None
         waiting = message is not None and message.attempts.get(domain, 0) > 0
-        answer = await self.client.lookup(policy_domain, recheck=waiting)
+        answer = await self.client.lookup(policy_domain, recheck=waiting,
+                                          use=message is not None)
         if answer.defer:
             assert answer.failure is not None
             return denysoft(f"the MTA-STS policy of {policy_domain} is not known: "
@@ -127,7 +128,11 @@ class MtaSts:
         policy = answer.policy.policy(policy_domain,
                                       enforce=True if apply is Apply.ENFORCE else None)
         if policy is None:
-            return None
+            return None  # mode: none
+        # RFC 8461 4.2 (and 3.3): TLS 1.2 at least, whatever [outbound] min_version says;
+        # a stricter min_version stands.
+        policy = replace(policy, min_protocol=max(self.config.min_version,
+                                                  ssl.TLSVersion.TLSv1_2))
         if answer.failure is not None and answer.attempted:
             policy = replace(policy, discovery_failure=answer.failure)
         return policy

@@ -113,8 +113,10 @@ def format_refresh(domain: str, answer: StsAnswer, facts: dict[str, Any] | None)
             head += "; mail to it waits until its TXT record can be read"
         else:
             head += "; mail to it goes as if it had no policy"
-    elif answer.policy is not None:
+    elif answer.fetched:
         head = f"{domain}: policy fetched"
+    elif answer.policy is not None:
+        head = f"{domain}: nothing fetched; the cached policy applies"
     else:
         head = f"{domain}: no MTA-STS policy (no _mta-sts TXT record, or mode none)"
     lines = [head]
@@ -137,7 +139,7 @@ def format_state(facts: dict[str, Any]) -> list[str]:
     if not facts:
         return ["MTA-STS:     nothing cached (no policy, or not looked up yet)"]
     first, *rest = format_entry(facts)
-    return [f"MTA-STS:     {first}", *(f"            {line}" for line in rest)]
+    return [f"MTA-STS:     {first}", *(f"             {line.lstrip()}" for line in rest)]
 
 
 async def publication(config: Config, domain: str) -> dict[str, Any]:

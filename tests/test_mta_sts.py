@@ -4,10 +4,13 @@ and harakapy delivering between them (RFC 8461, ../shared/specs/mta-sts.md)."""
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 
 from harakapy.tls.context import self_signed_context
 from tests.harness import eventually, running_server
+from tests.outbound_env import old_tls_only
 from tests.sts_world import (
     EXPIRED_POLICY_IP,
     MX2_IP,
@@ -370,3 +373,19 @@ async def test_waiting_mail_rereads_the_txt_record_before_the_check_interval(sts
     await world.env.retry()  # 60 s later: within the 5-minute check interval
     await eventually(lambda: good.messages)
     assert world.fetches("a.test") == 2
+
+
+async def test_an_enforce_policy_asks_for_tls_1_2_even_below_the_servers_minimum(
+        sts_world):
+    world = await sts_world()
+    tls_ini = world.env.hp.root / "config" / "tls.ini"
+    # An operator who lets old servers in: TLS 1.0 and ciphers OpenSSL would refuse.
+    tls_ini.write_text(tls_ini.read_text() + "min_version = TLSv1\n"
+                       "ciphers = DEFAULT:@SECLEVEL=0\n")
+    assert await world.env.hp.server.reload()
+    world.domain("a.test")
+    context = old_tls_only(world.env.certs.files("old", "mx.a.test"), ssl.TLSVersion.TLSv1_1)
+    mx = await world.mx(MX_IP, tls_context=context)
+    await world.env.send("bob@a.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    assert mx.messages == [] and world.env.failures()[0].enforced

@@ -151,3 +151,13 @@ async def test_a_listener_certificate_that_does_not_load_stops_the_start(sts_wor
     done = await cli("mta-sts", "list", "-c", str(world.env.hp.root))
     assert done.returncode == 2 and "cannot load the certificate" in done.stderr
     assert "mta_sts.ini:6:" in done.stderr
+
+
+async def test_a_domain_section_that_names_a_pattern_is_refused_with_its_line(sts_world):
+    world = await sts_world()
+    config = world.env.hp.root / "config" / "mta_sts.ini"
+    config.write_text(config.read_text() + "[domain *.partner.test]\napply = enforce\n")
+    done = await cli("mta-sts", "list", "-c", str(world.env.hp.root))
+    assert done.returncode == 2, done.stderr
+    assert "mta_sts.ini:5:" in done.stderr and "is a pattern: name a domain" in done.stderr
+    assert done.stderr.count("*.partner.test") == 2  # the section, and the name in it

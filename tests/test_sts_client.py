@@ -169,15 +169,38 @@ async def test_nothing_cached_and_the_fetch_fails_means_no_policy_reported(world
     assert answer.failure.result_type is ResultType.STS_POLICY_FETCH_ERROR
 
 
-async def test_mode_none_removes_the_cached_policy(world):
+async def test_mode_none_replaces_the_cached_policy_and_is_cached_itself(world):
     client = world.client()
     await client.lookup("good.test")
     world.answer = (200, NONE)
     world.txt("v=STSv1; id=off")
     world.clock.advance(301)
     answer = await client.lookup("good.test")
-    assert answer.policy is None and answer.failure is None
-    assert SqliteStore(world.path).get("good.test") is None
+    assert answer.policy.mode.value == "none" and answer.failure is None
+    assert SqliteStore(world.path).get("good.test").policy().mode.value == "none"
+    world.clock.advance(301)
+    await world.client().lookup("good.test")  # a restart: the same id fetches nothing
+    assert len(world.host.requests) == 2
+
+
+async def test_a_refresh_fetches_even_when_the_txt_record_is_gone(world):
+    client = world.client()
+    await client.lookup("good.test")
+    world.txt(None)
+    world.clock.advance(3600)
+    refreshed = await client.refresh("good.test")
+    assert refreshed.fetched and refreshed.entry.record_id == "one"
+    assert len(world.host.requests) == 2
+    world.dns.servfail.add("_mta-sts.good.test")
+    world.clock.advance(3600)
+    assert (await client.refresh("good.test")).fetched
+
+
+async def test_a_first_failure_is_remembered_past_the_next_refresh_pass(world):
+    world.answer = (404, b"")
+    await world.client().lookup("good.test")
+    entry = SqliteStore(world.path).get("good.test")
+    assert entry.used == world.clock.time() and entry.failed_id == "one"
 
 
 async def test_refresh_fetches_again_whatever_the_id_says(world):

@@ -5,14 +5,18 @@ Rules:
 1. A valid cached policy is applied as it is; its TXT record is looked at again at most
    every ``check_interval`` seconds. A changed ``id`` means fetch; the same ``id`` means
    nothing new (the policy's lifetime still runs from its last fetch).
-2. Nothing removes a valid cached policy but its expiry or a fetched ``mode: none``
+2. Nothing replaces a valid cached policy but its expiry or a newly fetched one
    (invariant 8): a failed TXT lookup, a missing TXT record, a failed or invalid fetch all
-   leave it applied, and the failure is given with it, for the log and the report.
+   leave it applied, and the failure is given with it, for the log and the report. A
+   ``mode: none`` policy is cached like any other (RFC 8461 8.3): it ends an enforce
+   policy, and nothing applies until the TXT ``id`` changes.
 3. A failed fetch for an ``id`` is not tried again for ``retry_after`` seconds (RFC 8461
    3.3: five minutes); meanwhile the failure stands.
 4. With nothing cached: no STS record is no policy; a failed fetch is no policy with the
    failure (RFC 8461 3.3: deliver as if the domain had none); a failed TXT lookup (SERVFAIL,
    timeout) asks the caller to wait (``defer``), as any DNS failure does (invariant 3).
+5. A refresh fetches a cached policy again whatever its TXT record says, and also when
+   the record is gone, broken or cannot be read (RFC 8461 10.2), under the ``id`` it has.
 
 The cache, the resolver and the clock are given; the HTTPS fetch is ``sts_fetch``.
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from harakapy.clock import Clock
 from harakapy.dns import DnsError, Resolver
-from harakapy.tls.mta_sts import Mode, NoRecord, StsError, StsPolicy, select_record
+from harakapy.tls.mta_sts import NoRecord, StsError, StsPolicy, select_record
 from harakapy.tls.results import Failure, ResultType
 from harakapy.tls.sts_fetch import FetchError, fetch_policy, policy_host_context
 from harakapy.tls.sts_store import CachedPolicy, PolicyStore
@@ -64,13 +68,15 @@ class StsSettings:
 class StsAnswer:
     """What applies to the domain now.
 
-    :ivar policy: The policy to apply; ``None`` for none.
+    :ivar policy: The domain's policy; ``None`` for none (a ``mode: none`` policy also
+        means that none applies).
     :ivar failure: Why the latest look went wrong, if it did (reported even when a cached
         policy still applies).
     :ivar defer: Nothing is known and the TXT lookup failed: the mail waits (rule 4).
     :ivar entry: The cache entry behind the answer, for ``harakapy tls-policy``.
     :ivar attempted: ``failure`` comes from a lookup or fetch made for this answer, not
         from an earlier one that still stands.
+    :ivar fetched: The policy was fetched from the policy host for this answer.
     """
 
     policy: StsPolicy | None = None
@@ -78,6 +84,7 @@ class StsAnswer:
     defer: bool = False
     entry: CachedPolicy | None = None
     attempted: bool = False
+    fetched: bool = False
 
 
 class StsClient:
@@ -99,7 +106,8 @@ class StsClient:
         self._locks: dict[str, asyncio.Lock] = {}
         self._seen: dict[str, _Seen] = {}
 
-    async def lookup(self, domain: str, *, recheck: bool = False) -> StsAnswer:
+    async def lookup(self, domain: str, *, recheck: bool = False,
+                     use: bool = True) -> StsAnswer:
         """The policy for mail to ``domain`` now (rules 1 to 4); notes the use.
 
         An answer is kept in memory for as long as it would stand in the cache (a valid
@@ -110,30 +118,39 @@ class StsClient:
         :param recheck: Read the TXT record even within ``check_interval`` (at most once
             a minute): for mail that is waiting, which RFC 8461 5.1 wants checked against
             a changed policy before it bounces.
+        :param use: Mail goes to the domain (``False`` for a diagnosis): noted for the
+            refresh, which renews only what mail uses.
         """
         interval = min(self.settings.check_interval, RECHECK_INTERVAL) if recheck \
             else self.settings.check_interval
         now = self.clock.time()
         seen = self._seen.get(domain)
         if seen is not None and seen.stands(now, interval):
-            if seen.answer.entry is not None and now - seen.used >= USE_RESOLUTION:
+            if use and seen.answer.entry is not None and now - seen.used >= USE_RESOLUTION:
                 seen.used = now
                 await asyncio.to_thread(self.store.touch, domain, now)
             return seen.answer
         async with self._locks.setdefault(domain, asyncio.Lock()):  # one fetch at a time
             now = self.clock.time()
             entry = await asyncio.to_thread(self.store.get, domain)
-            if entry is not None and now - entry.used >= USE_RESOLUTION:
+            if use and entry is not None and now - entry.used >= USE_RESOLUTION:
+                entry = replace(entry, used=now)
                 await asyncio.to_thread(self.store.touch, domain, now)
             if entry is not None and entry.valid_at(now) and now - entry.checked < interval:
                 answer = self._cached(entry, now, _failure_of(entry.error))  # it stands
             else:
-                answer = await self._discover(domain, entry, now, force=False)
+                answer = await self._discover(domain, entry, now, force=False,
+                                              used=now if use else 0.0)
             return self._remember(domain, answer, now)
 
     async def refresh(self, domain: str) -> StsAnswer:
         """Look at the TXT record and fetch the policy now, whatever its ``id`` says (the
-        proactive refresh, ``harakapy mta-sts refresh``); the 5-minute back-off holds."""
+        proactive refresh, ``harakapy mta-sts refresh``); the 5-minute back-off holds.
+
+        A cached policy is fetched again even when its TXT record is gone, broken or
+        cannot be read (RFC 8461 10.2: refresh regardless of the record), under the
+        ``id`` it has.
+        """
         async with self._locks.setdefault(domain, asyncio.Lock()):
             now = self.clock.time()
             entry = await asyncio.to_thread(self.store.get, domain)
@@ -144,8 +161,10 @@ class StsClient:
         if answer.defer:
             self._seen.pop(domain, None)  # nothing known: ask again next time
         else:
-            looked = answer.entry.checked if answer.policy is not None and answer.entry \
-                else now
+            # A valid policy stands until its TXT record is due; one whose TXT lookup just
+            # failed, and no policy, until check_interval from now.
+            looked = answer.entry.checked if (answer.policy is not None and answer.entry
+                                              and answer.failure is None) else now
             self._seen[domain] = _Seen(replace(answer, attempted=False), looked, now)
         return answer
 
@@ -156,13 +175,15 @@ class StsClient:
         return StsAnswer(None, failure, entry=entry)
 
     async def _discover(self, domain: str, entry: CachedPolicy | None, now: float, *,
-                        force: bool) -> StsAnswer:
+                        force: bool, used: float = 0.0) -> StsAnswer:
+        cached = entry is not None and entry.valid_at(now)
         try:
             texts = await self.resolver.txt(f"_mta-sts.{domain}")
         except DnsError as exc:
-            failure = Failure(ResultType.STS_POLICY_FETCH_ERROR,
-                              f"_mta-sts.{domain} TXT: {exc.reason}")
-            if entry is not None and entry.valid_at(now):
+            failure = Failure(ResultType.STS_POLICY_FETCH_ERROR, exc.reason)
+            if cached and force:
+                return await self._refetch(domain, entry, now, used)
+            if cached:
                 return self._cached(entry, now, failure)
             log.warning("MTA-STS: %s: %s; the mail waits", domain, failure.reason)
             return StsAnswer(None, failure, defer=True, entry=entry, attempted=True)
@@ -170,12 +191,16 @@ class StsClient:
             record = select_record(texts)
         except NoRecord:
             # RFC 8461 3.1: no record does not evict a cached policy.
+            if cached and force:
+                return await self._refetch(domain, entry, now, used)
             return self._cached(entry, now)
         except StsError as exc:
             # Nor does a broken one; with nothing cached it is no policy, and reported.
             failure = Failure(ResultType.STS_POLICY_INVALID,
                               f"_mta-sts.{domain} TXT: {exc.reason}")
-            if entry is not None and entry.valid_at(now):
+            if cached and force:
+                return await self._refetch(domain, entry, now, used)
+            if cached:
                 log.info("MTA-STS: %s: %s; the cached policy applies", domain,
                          failure.reason)
                 return self._cached(entry, now)
@@ -188,10 +213,17 @@ class StsClient:
             return self._cached(checked, now)
         if entry is not None and not entry.retry_allowed(record.id, now):
             return self._cached(entry, now, _failure_of(entry.error))
-        return await self._fetch(domain, entry, record.id, now)
+        return await self._fetch(domain, entry, record.id, now, used)
+
+    async def _refetch(self, domain: str, entry: CachedPolicy, now: float,
+                       used: float) -> StsAnswer:
+        """The refresh of a cached policy whose TXT record says nothing usable."""
+        if not entry.retry_allowed(entry.record_id, now):
+            return self._cached(entry, now, _failure_of(entry.error))
+        return await self._fetch(domain, entry, entry.record_id, now, used)
 
     async def _fetch(self, domain: str, entry: CachedPolicy | None, record_id: str,
-                     now: float) -> StsAnswer:
+                     now: float, used: float = 0.0) -> StsAnswer:
         try:
             fetched = await fetch_policy(
                 domain, resolver=self.resolver, context=self._context,
@@ -199,7 +231,7 @@ class StsClient:
                 timeout=self.settings.timeout)
         except FetchError as exc:
             failure = Failure(exc.result_type, exc.reason)
-            noted = (entry or CachedPolicy(domain)).failed_now(
+            noted = (entry or CachedPolicy(domain, used=used or now)).failed_now(
                 record_id, f"{exc.result_type.value}: {exc.reason}", now,
                 self.settings.retry_after)
             await asyncio.to_thread(self.store.put, noted)
@@ -207,17 +239,14 @@ class StsClient:
                         "; the cached policy still applies" if noted.valid_at(now) else "")
             return replace(self._cached(noted, now, failure), attempted=True)
         policy = fetched.policy
-        if policy.mode is Mode.NONE:
-            # RFC 8461 8.3: a none policy ends the domain's use of MTA-STS.
-            await asyncio.to_thread(self.store.delete, domain)
-            log.info("MTA-STS: %s: mode none, policy removed", domain)
-            return StsAnswer(None)
-        fresh = (entry or CachedPolicy(domain, used=now)).fetched_now(
+        # A none policy is cached like any other (RFC 8461 8.3): it replaces what was
+        # there, and the domain has no policy until its TXT id changes.
+        fresh = (entry or CachedPolicy(domain, used=used)).fetched_now(
             _body(policy), policy, record_id, now)
         await asyncio.to_thread(self.store.put, fresh)
         log.info("MTA-STS: %s: policy %s fetched (mode %s, max_age %d)", domain, record_id,
                  policy.mode.value, policy.max_age)
-        return StsAnswer(policy, entry=fresh)
+        return StsAnswer(policy, entry=fresh, fetched=True)
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harakapy.config import Config, IniFile
+from harakapy.config import Config, ConfigError, IniFile
 from harakapy.tls.mta_sts import MAX_MAX_AGE, Mode, StsError, check_mx_pattern
 from harakapy.tls.sts_client import StsSettings
 
@@ -37,7 +37,7 @@ class Apply(enum.StrEnum):
 class Refresh:
     """The proactive refresh (RFC 8461 3.3, 10.2).
 
-    :ivar interval: Seconds between looks over the cache (each jittered by up to 10%).
+    :ivar interval: Seconds between looks over the cache.
     :ivar after: A policy fetched longer ago than this is fetched again.
     :ivar idle_after: A domain no mail went to for this long is not refreshed.
     :ivar forget_after: An expired entry unused for this long leaves the cache.
@@ -89,6 +89,7 @@ class StsConfig:
     overrides: dict[str, Apply] = field(default_factory=dict)
     published: dict[str, Published] = field(default_factory=dict)
     listener: Listener | None = None
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
 
     def apply_for(self, domain: str) -> Apply:
         found = self.overrides.get(domain)
@@ -97,9 +98,12 @@ class StsConfig:
         return Apply.ENFORCE if self.testing_as_enforce else Apply.AS_PUBLISHED
 
     @classmethod
-    def from_config(cls, config: Config, ca_file: Path | None) -> StsConfig:
+    def from_config(cls, config: Config, ca_file: Path | None,
+                    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2) -> StsConfig:
         """:param ca_file: ``[outbound] ca_file`` of ``config/tls.ini``: the policy hosts'
             trust anchors as the MX hosts'.
+        :param min_version: ``[outbound] min_version``: policies ask for at least this,
+            and never less than TLS 1.2.
         :raises ConfigError: naming the file, line and key.
         """
         ini = config.ini("mta_sts.ini")
@@ -128,7 +132,7 @@ class StsConfig:
                 name = _domain(ini, section, PUBLISH_PREFIX)
                 published[name] = _published(ini, section, name)
         return cls(client, cache, refresh, ini.get_bool("main", "testing_as_enforce"),
-                   overrides, published, _listener(config, ini))
+                   overrides, published, _listener(config, ini), min_version)
 
 
 _SECTION_KEYS = {
@@ -173,11 +177,15 @@ def _domain(ini: IniFile, section: str, prefix: str) -> str:
     name = section[len(prefix):].strip().rstrip(".").lower()
     try:
         check_mx_pattern(name)
+        wrong = "a pattern: name a domain" if name.startswith("*.") else ""
     except StsError:
-        raise ini.error(section, ini.keys(section)[0] if ini.keys(section) else "",
-                        f"[{section}]: {name!r} is not a domain name") from None
-    if name.startswith("*."):
-        raise ini.error(section, "", f"[{section}]: name a domain, not a pattern")
+        wrong = "not a domain name"
+    if wrong:
+        keys = ini.keys(section)
+        entry = ini.entry(section, keys[0]) if keys else None
+        reason = f"[{section}]: {name!r} is {wrong}"
+        raise entry.error(None, reason) if entry else ConfigError(ini.path, 0, None,
+                                                                   reason)
     return name
 
 
