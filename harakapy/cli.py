@@ -207,6 +207,9 @@ def cmd_tls_policy(args: argparse.Namespace) -> int:
     import json
 
     from harakapy import mta_sts_cli
+    from harakapy.dane import Dane
+    from harakapy.dane import describe as describe_dane
+    from harakapy.dane import format_description as format_dane
     from harakapy.outbound.diagnose import diagnose, format_text
     from harakapy.outbound.tls_policy import PolicyLookupError
     from harakapy.server import MailServer
@@ -219,12 +222,17 @@ def cmd_tls_policy(args: argparse.Namespace) -> int:
         await server.prepare()
         try:
             result = await diagnose(server, args.domain, probe=args.probe)
+            authority, _ = await server.plugins.call_first_named("dane_authority")
+            if isinstance(authority, Dane) and result.level in ("dane", "dane-only"):
+                facts = await describe_dane(authority, result.domain, result.next_hops)
+                result.details["dane"] = facts
+                result.detail_lines += format_dane(facts)
         finally:
             await server.plugins.call_all("shutdown")
         if any(plugin.name == mta_sts_cli.PLUGIN for plugin in server.plugins.plugins):
             facts = await mta_sts_cli.state(server.config, result.domain)
             result.details["mta_sts"] = facts
-            result.detail_lines = mta_sts_cli.format_state(facts)
+            result.detail_lines += mta_sts_cli.format_state(facts)
         return json.dumps(result.as_dict(), indent=1) if args.json else format_text(result)
 
     try:

@@ -8,7 +8,10 @@ Nameservers come from ``config/dns.ini`` (the system's resolv.conf when empty).
 
 from __future__ import annotations
 
+import enum
 import ipaddress
+from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -39,6 +42,52 @@ class NoSuchDomain(DnsError):
     enhanced = "5.1.2"
 
 
+class Security(enum.StrEnum):
+    """What DNSSEC says of an answer (RFC 4035 4.3), as a validating resolver tells it.
+
+    There is no "bogus" or "indeterminate" here: a validating resolver answers those with
+    SERVFAIL, which is a :class:`DnsError`, never an insecure answer.
+    """
+
+    SECURE = "secure"  # AD set by a resolver whose word we trust
+    INSECURE = "insecure"  # provably unsigned, or a resolver we do not trust
+
+
+@dataclass(frozen=True, slots=True)
+class Validated:
+    """An answer and its DNSSEC state.
+
+    :ivar records: The records of the type asked for (dnspython rdata), ``()`` for none.
+    :ivar security: The state of the whole answer: every CNAME step and the records, or
+        the denial.
+    :ivar name: The owner of the records: the name asked, or where its CNAMEs led.
+    :ivar asked: The name asked (lower-case, no final dot).
+    :ivar exists: False for NXDOMAIN.
+    """
+
+    records: tuple[Any, ...]
+    security: Security
+    name: str
+    asked: str
+    exists: bool = True
+
+    @property
+    def secure(self) -> bool:
+        return self.security is Security.SECURE
+
+    @property
+    def expanded(self) -> bool:
+        """CNAMEs led elsewhere."""
+        return self.name != self.asked
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class Resolver:
     """An async stub resolver.
 
@@ -48,7 +97,7 @@ class Resolver:
     """
 
     def __init__(self, nameservers: list[str] | None = None, *, port: int = 53,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, trust_ad: bool = False) -> None:
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = list(nameservers)
@@ -61,6 +110,11 @@ class Resolver:
         # it. EDNS0 so answers larger than 512 bytes need no TCP retry.
         self._resolver.use_edns(0, dns.flags.DO, 1232)
         self._resolver.flags = dns.flags.RD | dns.flags.AD
+        # The AD bit proves nothing that crossed a network an attacker may sit on: trusted
+        # from a resolver on this host, or where config/dns.ini says the path is safe.
+        self.nameservers = [str(server) for server in self._resolver.nameservers]
+        self.trust_ad = trust_ad or (bool(self.nameservers) and all(
+            _is_loopback(server) for server in self.nameservers))
 
     @classmethod
     def from_config(cls, config: Config) -> Resolver:
@@ -74,7 +128,42 @@ class Resolver:
                 raise ini.error("main", "nameservers",
                                 f"{server!r} is not an IP address") from None
         return cls(servers, port=ini.get_int("main", "port", 53, minimum=1),
-                   timeout=ini.get_float("main", "timeout", 10.0, minimum=0.1))
+                   timeout=ini.get_float("main", "timeout", 10.0, minimum=0.1),
+                   trust_ad=ini.get_bool("main", "trust_ad", False))
+
+    async def validated(self, name: str, rdtype: str) -> Validated:
+        """``name``'s records of ``rdtype`` with their DNSSEC state, CNAMEs followed (the
+        resolver hands back the chain; its AD bit covers all of it).
+
+        :raises DnsError: SERVFAIL (bogus or indeterminate: the validator says no more),
+            a timeout, a refusal. Never an insecure answer.
+        """
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False,
+                                                  raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = list(exc.responses().values())
+            authenticated = bool(responses) and all(
+                response.flags & dns.flags.AD for response in responses)
+            asked = name.rstrip(".").lower()
+            return Validated((), self._security(authenticated), asked, asked, exists=False)
+        except dns.resolver.NoNameservers as exc:
+            raise DnsError(f"{name} {rdtype}: no nameserver answered ({_first_error(exc)})"
+                           ) from None
+        except dns.exception.Timeout:
+            raise DnsError(f"{name} {rdtype}: DNS timeout") from None
+        except dns.name.NameTooLong:
+            raise NoSuchDomain(f"{name}: name too long") from None
+        except dns.exception.DNSException as exc:
+            raise DnsError(f"{name} {rdtype}: {exc}") from None
+        authenticated = bool(answer.response.flags & dns.flags.AD)
+        records = tuple(answer.rrset) if answer.rrset is not None else ()
+        owner = answer.canonical_name.to_text(omit_final_dot=True).lower()
+        return Validated(records, self._security(authenticated), owner,
+                         name.rstrip(".").lower())
+
+    def _security(self, authenticated: bool) -> Security:
+        return Security.SECURE if authenticated and self.trust_ad else Security.INSECURE
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, or ``None`` for NODATA (the name exists, no such records)."""

@@ -158,6 +158,8 @@ class EnvFactory:
     :param hosts: Last octets of the 127.0.0.x addresses (besides .2) receiving servers
         will listen on: the port must be free on each.
     :param body: What ``Env.send`` sends unless told otherwise.
+    :param port: The receiving servers' port, chosen beforehand (``free_port_on_all``)
+        when the zone must name it (TLSA owners).
     """
 
     def __init__(self, stack: AsyncExitStack, config_dir: Callable[..., Path],
@@ -174,11 +176,12 @@ class EnvFactory:
     async def __call__(self, zone: str, *, files: dict[str, str] | None = None,
                        plugins: str = "relay\n", plugin_files: dict[str, str] | None = None,
                        outbound_ini: str = OUTBOUND_INI, servfail: Iterable[str] = (),
-                       hosts: tuple[int, ...] = (3, 4, 5), body: bytes = DEFAULT_BODY) -> Env:
+                       hosts: tuple[int, ...] = (3, 4, 5), body: bytes = DEFAULT_BODY,
+                       port: int | None = None) -> Env:
         dns = await DnsServer(zone).start()
         self.stack.callback(dns.close)
         dns.servfail.update(servfail)
-        port = free_port_on_all(hosts)
+        port = port or free_port_on_all(hosts)
         root = self.config_dir({
             "me": "harakapy.test\n",
             "plugins": plugins,

@@ -61,6 +61,7 @@ class Diagnosis:
     # What policy plugins know beyond the policy (the MTA-STS cache entry), as the
     # command that fills it formats it: key to facts, and the lines of text.
     details: dict[str, Any] = field(default_factory=dict)
+    next_hops: list[tuple[str, int]] = field(default_factory=list)
     detail_lines: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ async def diagnose(server: QueueHost, domain: str, *, probe: bool) -> Diagnosis:
         hosts, routed = [], False
         result.error = exc.reason
     result.routed = routed
+    result.next_hops = [(h.hostname, h.port) for h in hosts]
     result.hosts = [f"{h.hostname}:{h.port}" + (f" (MX {h.preference})" if not routed else "")
                     for h in hosts]
     routes = await routes_for(server.plugins, server.config, domain, hosts, routed=routed)

@@ -192,6 +192,10 @@ class Negotiator:
                     await self._fail(plan, Failure(
                         ResultType.DANE_REQUIRED, f"DANE is required, but {why}",
                         "dane-required"), None)
+                if policy.fallback is not None:
+                    # No TLSA here: the next policy decides for this MX (RFC 8461 2:
+                    # MTA-STS applies where DANE has nothing to say).
+                    return await self.plan(policy.fallback, host, nexthop)
                 level = Level.MAY
             if level in (Level.MAY, Level.ENCRYPT):
                 tlsa = None

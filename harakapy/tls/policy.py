@@ -182,6 +182,8 @@ class Policy:
     :param mail_parameters: Parameters to send on ``MAIL FROM`` under this policy
         (``REQUIRETLS``).
     :param source: For RFC 8460 reports.
+    :param fallback: At ``dane``: the policy for an MX without usable TLSA records (what
+        the plugins after ``dane`` decided: MTA-STS, the default); ``None`` for ``may``.
     :param discovery_failure: Finding the policy went wrong (an MTA-STS policy host that
         failed): each session under this policy reports it, as a failure that did not
         stop the mail, unless the session has a failure of its own.
@@ -203,6 +205,7 @@ class Policy:
     required_extensions: tuple[str, ...] = ()
     mail_parameters: tuple[str, ...] = ()
     source: PolicySource = PolicySource()
+    fallback: Policy | None = field(default=None, compare=False)
     discovery_failure: Failure | None = field(default=None, compare=False)
     reason: str = field(default="", compare=False)
     decided_by: str = field(default="", compare=False)
@@ -246,6 +249,8 @@ class Policy:
             parts.append("mx=" + ",".join(self.mx_patterns))
         if not self.enforce:
             parts.append("(report only)")
+        if self.fallback is not None:
+            parts.append(f"(without TLSA records: {self.fallback.describe()})")
         return " ".join(parts)
 
 
