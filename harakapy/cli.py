@@ -221,8 +221,10 @@ def cmd_tls_policy(args: argparse.Namespace) -> int:
         server = MailServer.from_directory(root)
         await server.prepare()
         try:
-            result = await diagnose(server, args.domain, probe=args.probe)
             authority, _ = await server.plugins.call_first_named("dane_authority")
+            if isinstance(authority, Dane):
+                authority.keep_facts = True
+            result = await diagnose(server, args.domain, probe=args.probe)
             if isinstance(authority, Dane) and result.level in ("dane", "dane-only"):
                 facts = await describe_dane(authority, result.domain, result.next_hops)
                 result.details["dane"] = facts

@@ -82,7 +82,9 @@ class Dane:
     def __init__(self, resolver: Resolver, settings: DaneSettings) -> None:
         self.resolver = resolver
         self.settings = settings
-        # What the last lookups and checks found, per MX host: for harakapy tls-policy.
+        # What the lookups and checks found, per MX host, kept only where ``keep_facts``
+        # is set (harakapy tls-policy): a server would keep every destination forever.
+        self.keep_facts = False
         self.seen: dict[str, HostLookup] = {}
         self.matched: dict[str, str] = {}
         self.mx_seen: dict[str, str] = {}
@@ -129,10 +131,10 @@ class Dane:
             try:
                 mx = await self.resolver.validated(domain, "MX")
             except DnsError as exc:
-                self.mx_seen[domain] = exc.reason
+                self._note_mx(domain, exc.reason)
                 return denysoft(f"the DNSSEC state of the MX records of {domain} is not "
                                 f"known: {exc.reason}", enhanced="4.7.5")
-            self.mx_seen[domain] = mx.security.value
+            self._note_mx(domain, mx.security.value)
             if not mx.secure and self.settings.insecure_mx != "dane":
                 return None
             how = "secure MX records" if mx.secure else "insecure MX records, insecure_mx = dane"
@@ -188,14 +190,19 @@ class Dane:
         references = [lookup.base_domain or hostname, hostname, nexthop]
         outcome = checks.verify_chain(lookup.records, chain, references)
         if isinstance(outcome, Failure):
-            self.matched[hostname] = ""
             return outcome
-        self.matched[hostname] = f"{outcome.record} (certificate at depth {outcome.depth})"
+        if self.keep_facts:
+            self.matched[hostname] = f"{outcome.record} (certificate at depth {outcome.depth})"
         return None
 
     def _note(self, found: HostLookup) -> HostLookup:
-        self.seen[found.hostname] = found
+        if self.keep_facts:
+            self.seen[found.hostname] = found
         return found
+
+    def _note_mx(self, domain: str, state: str) -> None:
+        if self.keep_facts:
+            self.mx_seen[domain] = state
 
 
 def _is_address(name: str) -> bool:

@@ -42,6 +42,8 @@ RECHECK_INTERVAL = 60.0
 # "Mail went to the domain" is written to the cache at most this often per domain: the
 # refresh needs days, not every message.
 USE_RESOLUTION = 60.0
+# Answers kept in memory at most, per process.
+MEMORY_LIMIT = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,13 @@ class StsClient:
             return self._remember(domain, answer, now)
 
     def _remember(self, domain: str, answer: StsAnswer, now: float) -> StsAnswer:
+        if len(self._seen) >= MEMORY_LIMIT:
+            # Mail to many domains: what no longer stands is read again anyway.
+            interval = self.settings.check_interval
+            self._seen = {name: seen for name, seen in self._seen.items()
+                          if seen.stands(now, interval)}
+            if len(self._seen) >= MEMORY_LIMIT:
+                self._seen.clear()
         if answer.defer:
             self._seen.pop(domain, None)  # nothing known: ask again next time
         else:
