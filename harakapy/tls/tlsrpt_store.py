@@ -1,0 +1,143 @@
+"""The TLS report data: session counts per UTC day, domain, policy and failure detail,
+kept in one SQLite file that every worker process adds to.
+
+Rules:
+
+1. Counts are added, never set: each process adds what it counted since its last flush
+   in one transaction (``INSERT ... ON CONFLICT DO UPDATE SET count = count + ...``), so
+   several writers never lose each other's sessions and a crash loses at most one
+   process's unflushed batch.
+2. A policy and a detail are stored as canonical JSON (sorted keys), which is also what
+   tells two of them apart.
+3. Days before a cut-off are removed once their reports are done or no longer wanted.
+
+Calls block (SQLite is a file): the plugin runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from harakapy.tls.tlsrpt_report import DetailKey, PolicyCounts, PolicyKey, SessionKey
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    day TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    detail TEXT NOT NULL,   -- '' for successes
+    count INTEGER NOT NULL,
+    PRIMARY KEY (day, domain, policy, detail)
+) WITHOUT ROWID;
+"""
+
+
+def _policy_text(policy: PolicyKey) -> str:
+    return json.dumps([policy.type, policy.domain, list(policy.strings), list(policy.mx)],
+                      separators=(",", ":"))
+
+
+def _detail_text(detail: DetailKey | None) -> str:
+    if detail is None:
+        return ""
+    return json.dumps([detail.result_type, detail.sending_ip, detail.mx_hostname,
+                       detail.mx_helo, detail.receiving_ip, detail.reason_code],
+                      separators=(",", ":"))
+
+
+def _policy_of(text: str) -> PolicyKey:
+    kind, domain, strings, mx = json.loads(text)
+    return PolicyKey(kind, domain, tuple(strings), tuple(mx))
+
+
+def _detail_of(text: str) -> DetailKey | None:
+    return DetailKey(*json.loads(text)) if text else None
+
+
+class SessionStore:
+    """Session counts in SQLite (WAL, a busy timeout, one transaction per flush)."""
+
+    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._timeout = busy_timeout
+        with self._connection() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        yield db
+
+    def add(self, counts: Mapping[SessionKey, int]) -> None:
+        """Rule 1: add a batch of session counts."""
+        if not counts:
+            return
+        rows = [(key.day.isoformat(), key.domain, _policy_text(key.policy),
+                 _detail_text(key.detail), count) for key, count in counts.items()]
+        with self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO sessions (day, domain, policy, detail, count) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, domain, policy, detail) "
+                    "DO UPDATE SET count = count + excluded.count", rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def domains(self, day: datetime.date) -> list[str]:
+        with self._connection() as db:
+            return [row[0] for row in db.execute(
+                "SELECT DISTINCT domain FROM sessions WHERE day = ? ORDER BY domain",
+                (day.isoformat(),))]
+
+    def days(self) -> list[datetime.date]:
+        with self._connection() as db:
+            return [datetime.date.fromisoformat(row[0]) for row in db.execute(
+                "SELECT DISTINCT day FROM sessions ORDER BY day")]
+
+    def counts(self, day: datetime.date, domain: str) -> dict[PolicyKey, PolicyCounts]:
+        """What one domain's report for ``day`` says, per policy."""
+        found: dict[PolicyKey, PolicyCounts] = {}
+        with self._connection() as db:
+            rows = db.execute("SELECT policy, detail, count FROM sessions WHERE day = ? AND "
+                              "domain = ?", (day.isoformat(), domain)).fetchall()
+        for policy_text, detail_text, count in rows:
+            entry = found.setdefault(_policy_of(policy_text), PolicyCounts())
+            detail = _detail_of(detail_text)
+            if detail is None:
+                entry.success += count
+            else:
+                entry.failure += count
+                entry.details[detail] = entry.details.get(detail, 0) + count
+        return found
+
+    def forget(self, before: datetime.date, domain: str | None = None) -> int:
+        """Rule 3: remove days before ``before`` (for one domain, or all)."""
+        with self._connection() as db:
+            if domain is None:
+                cursor = db.execute("DELETE FROM sessions WHERE day < ?",
+                                    (before.isoformat(),))
+            else:
+                cursor = db.execute("DELETE FROM sessions WHERE day < ? AND domain = ?",
+                                    (before.isoformat(), domain))
+            return cursor.rowcount
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
