@@ -7,6 +7,7 @@ below it. docs/hooks.md describes every name in ``__all__``.
 from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError, IniFile
 from harakapy.dane import Dane
+from harakapy.dkim import DkimSigner
 from harakapy.dns import DnsError, NoSuchDomain, Resolver
 from harakapy.inbound.address import Address
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction
@@ -43,6 +44,7 @@ __all__ = [
     "Connection",
     "Dane",
     "DaneAuthority",
+    "DkimSigner",
     "DnsError",
     "Failure",
     "IniFile",

@@ -289,6 +289,45 @@ def cmd_mta_sts(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    import os
+
+    from harakapy import dkim
+    from harakapy.config import Config
+
+    domain = args.domain.strip().rstrip(".").lower()
+    if not domain or "/" in domain or not all(part for part in domain.split(".")):
+        return _fail(f"{args.domain!r} is not a domain name", 2)
+    if not args.selector.replace("-", "").replace("_", "").isalnum():
+        return _fail(f"{args.selector!r} is not a selector (letters, digits, - and _)", 2)
+    try:
+        config = Config.load(Path(args.config_dir) if args.config_dir else None)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    if config.config_dir is None:
+        return _fail("give the config directory the key goes into: -c DIR", 2)
+    folder = config.config_dir / "dkim"
+    path = folder / f"{domain}.{args.selector}.key"
+    if path.exists():
+        return _fail(f"{path} exists; a new key needs a new selector (see key rotation in "
+                     f"docs/plugins/dkim_sign.md)", 2)
+    content, key_part = dkim.generate(args.algorithm, bits=args.bits)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(content)
+    except OSError as exc:
+        return _fail(f"cannot write {path}: {exc.strerror}", 1)
+    print(f"; the key is in {path}")
+    print("; publish this DNS record:")
+    print(dkim.txt_record(domain, args.selector, key_part))
+    print("; then add to config/dkim_sign.ini:")
+    print(f"[sign {domain} {args.selector}]")
+    print(f"key = dkim/{path.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harakapy", description="A Haraka-style mail server for strict outbound SMTP TLS.")
@@ -369,6 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
                             help="config directory (default: the shipped defaults)")
         action.add_argument("--json", action="store_true", help="machine-readable output")
     sts.set_defaults(func=cmd_mta_sts)
+
+    dkim_command = commands.add_parser(
+        "dkim", help="DKIM keys for dkim_sign",
+        description="keygen DOMAIN SELECTOR: write a new signing key into "
+                    "DIR/config/dkim/ and print the DNS TXT record to publish and the "
+                    "config/dkim_sign.ini section to add.")
+    dkim_actions = dkim_command.add_subparsers(dest="action", metavar="ACTION", required=True)
+    keygen = dkim_actions.add_parser("keygen", help="a new key and its DNS record")
+    keygen.add_argument("domain", metavar="DOMAIN")
+    keygen.add_argument("selector", metavar="SELECTOR")
+    keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (every verifier has it) or ed25519 (RFC 8463, beside rsa)")
+    keygen.add_argument("--bits", type=int, default=2048, choices=(1024, 2048, 3072, 4096),
+                        help="RSA key size")
+    keygen.add_argument("-c", "--config-dir", metavar="DIR", help="config directory")
+    dkim_command.set_defaults(func=cmd_dkim)
 
     passwd = commands.add_parser(
         "passwd", help="hash a password for auth/flat_file",
