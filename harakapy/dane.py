@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from harakapy.config import Config
 from harakapy.dns import DnsError, Resolver, Validated
 from harakapy.outbound.mx import MxHost
+from harakapy.outbound.tls_policy import PolicyLookupError
 from harakapy.results import Result, denysoft
 from harakapy.tls import dane as checks
-from harakapy.tls.policy import Level, Policy, TlsaLookup, TlsaRecord
+from harakapy.tls.policy import Level, Policy, PolicySource, TlsaLookup, TlsaRecord
 from harakapy.tls.results import Failure, ResultType
 
 log = logging.getLogger("harakapy.dane")
@@ -70,6 +71,7 @@ class HostLookup:
     addresses: str  # "secure", "insecure" or the failure
     candidates: tuple[str, ...]
     tlsa: TlsaLookup
+    answer: str = ""  # no records: "secure denial" or "insecure answer"
 
 
 class Dane:
@@ -111,8 +113,8 @@ class Dane:
             answer = await self.resolver.validated(probe, "DNSKEY")
         except DnsError as exc:
             return (f"DANE is on, but the resolver ({servers}) could not be asked for the "
-                    f"DNSKEY of {probe!r} ({exc.reason}): DANE will defer mail to signed "
-                    f"domains while this lasts")
+                    f"DNSKEY of {probe!r} ({exc.reason}): while this lasts, mail waits, "
+                    f"since delivery asks the same resolver")
         if not answer.secure:
             return (f"DANE is on, but the resolver ({servers}) does not validate DNSSEC (no "
                     f"AD bit on the DNSKEY of {probe!r}): no destination gets DANE; run a "
@@ -140,8 +142,12 @@ class Dane:
             how = "secure MX records" if mx.secure else "insecure MX records, insecure_mx = dane"
         else:
             how = f"routed to {hosts[0].hostname}" if hosts else "routed"
-        fallback = await next_policy()
+        try:
+            fallback = await next_policy()
+        except PolicyLookupError as exc:
+            return denysoft(str(exc), enhanced="4.7.0")  # the real reason, not "dane failed"
         return Policy(Level.DANE, dane=self, fallback=fallback,
+                      source=PolicySource("tlsa", domain),
                       reason=f"DANE ({how}); without TLSA records: {fallback.describe()}")
 
     # -- the authority ----------------------------------------------------------------------------
@@ -161,11 +167,11 @@ class Dane:
                 addresses = await self.resolver.validated(name, "AAAA")
         except DnsError as exc:
             return self._note(HostLookup(name, exc.reason, (), TlsaLookup(failure=Failure(
-                ResultType.DNSSEC_INVALID, f"the addresses of {name}: {exc.reason}",
-                "address-lookup-failed"))))
+                ResultType.DNSSEC_INVALID, exc.reason, "address-lookup-failed"))))
         if not addresses.secure:
             return self._note(HostLookup(name, "insecure", (), TlsaLookup()))
         candidates = _candidates(name, addresses)
+        answers = []
         for base in candidates:
             owner = f"_{port}._tcp.{base}"
             try:
@@ -173,16 +179,17 @@ class Dane:
             except DnsError as exc:
                 return self._note(HostLookup(name, "secure", candidates, TlsaLookup(
                     base_domain=base, failure=Failure(
-                        ResultType.DNSSEC_INVALID, f"{owner} TLSA: {exc.reason}",
-                        "tlsa-lookup-failed"))))
+                        ResultType.DNSSEC_INVALID, exc.reason, "tlsa-lookup-failed"))))
             if not answer.secure or not answer.records:
-                continue  # insecure, or a secure denial: no TLSA here
+                answers.append("secure denial" if answer.secure else "insecure answer")
+                continue  # no TLSA here
             records = tuple(TlsaRecord(r.usage, r.selector, r.mtype, bytes(r.cert))
                             for r in answer.records)
             usable = checks.usable_records(records)
             return self._note(HostLookup(name, "secure", candidates, TlsaLookup(
                 records=usable or records, base_domain=base, unusable=not usable)))
-        return self._note(HostLookup(name, "secure", candidates, TlsaLookup()))
+        return self._note(HostLookup(name, "secure", candidates, TlsaLookup(),
+                                     " then ".join(answers)))
 
     def verify(self, lookup: TlsaLookup, chain: Sequence[bytes], hostname: str,
                nexthop: str) -> Failure | None:
@@ -237,6 +244,7 @@ async def describe(dane: Dane, domain: str, hosts: Sequence[tuple[str, int]]
             "records": [str(record) for record in tlsa.records],
             "unusable": tlsa.unusable,
             "failure": tlsa.failure.reason if tlsa.failure else "",
+            "answer": host.answer,
             "matched": dane.matched.get(hostname, dane.matched.get(name, "")),
         })
     return {"mx_records": dane.mx_seen.get(domain, ""), "hosts": found}
@@ -254,7 +262,8 @@ def format_description(facts: dict[str, object]) -> list[str]:
                      (" (none usable: TLS without authentication)" if host["unusable"]
                       else ""))
         elif host["addresses"] == "secure":
-            state = "no TLSA records (secure denial): the fallback policy"
+            state = (f"no TLSA records ({host['answer']}): the fallback policy, or at "
+                     f"dane-only no delivery")
         else:
             state = f"addresses {host['addresses']}: no DANE"
         lines.append(f"DANE:        {host['host']}: {state}")

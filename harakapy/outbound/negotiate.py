@@ -50,8 +50,9 @@ class TlsFailure(SessionError):
 class HostPlan:
     """What one MX must offer under one policy, decided before connecting.
 
-    :ivar level: The level to enforce at this MX (``dane`` resolves to ``may`` when the MX
-        has no TLSA records, ``dane-only`` never does).
+    :ivar level: The level to enforce at this MX (``dane`` resolves to its fallback
+        policy's level, or ``may``, when the MX has no TLSA records; ``dane-only``
+        never does).
     :ivar tlsa: The MX's TLSA records at a DANE level.
     :ivar source: The policy's source, or the MX's TLSA records when DANE applies.
     :ivar quiet: This session's outcome was already reported (a report-only policy's

@@ -123,6 +123,7 @@ class TlsaLookup:
     """The TLSA records for one MX, as the DANE authority found them.
 
     :param records: The usable records; empty when the MX has none (or none secure).
+        With ``unusable`` set, the records found, none of them usable (for reports).
     :param base_domain: The TLSA base domain (the MX host, CNAME-expanded): the SNI name
         and the RFC 8460 policy domain.
     :param failure: The lookup itself failed (bogus DNSSEC): that MX cannot be used now,
