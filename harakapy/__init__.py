@@ -31,6 +31,7 @@ from harakapy.tls.policy import (
 )
 from harakapy.tls.policy_table import PolicyTable, lookup_keys
 from harakapy.tls.results import Failure, ResultType, TlsResult
+from harakapy.tlsrpt import Tlsrpt
 from harakapy.view import Server
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "TlsResult",
     "TlsaLookup",
     "TlsaRecord",
+    "Tlsrpt",
     "Transaction",
     "__version__",
     "background",

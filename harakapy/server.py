@@ -32,6 +32,7 @@ from harakapy.outbound import control
 from harakapy.outbound.queue import OutboundQueue
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
+from harakapy.spool.report import check_id
 from harakapy.spool.store import QueuedMessage, Spool, SpoolError
 from harakapy.tasks import TaskRunner
 from harakapy.tls.settings import TlsSettings
@@ -132,12 +133,14 @@ class MailServer:
     def queues_outbound(self) -> bool:
         return self.outbound is not None
 
-    async def submit(self, sender: str, recipients: list[str],
-                     message: bytes) -> QueuedMessage:
+    async def submit(self, sender: str, recipients: list[str], message: bytes, *,
+                     id: str | None = None) -> QueuedMessage:
         """A message made here (a DSN, a report) into the outbound queue."""
         if self.outbound is None:
             raise SpoolError("the outbound queue is not running in this command")
-        return await self.outbound.submit(sender, recipients, message)
+        if id is not None:
+            check_id(id)  # a plugin's id names a spool file: nothing else
+        return await self.outbound.submit(sender, recipients, message, id=id)
 
     async def enqueue(self, transaction: Transaction) -> QueuedMessage:
         """A received message into the outbound queue (durable when this returns)."""

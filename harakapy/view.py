@@ -35,8 +35,8 @@ class Core(Protocol):
     @property
     def clock(self) -> Clock: ...
 
-    async def submit(self, sender: str, recipients: list[str],
-                     message: bytes) -> QueuedMessage: ...
+    async def submit(self, sender: str, recipients: list[str], message: bytes, *,
+                     id: str | None = None) -> QueuedMessage: ...
 
     async def enqueue(self, transaction: Transaction) -> QueuedMessage: ...
 
@@ -99,8 +99,8 @@ class Server:
             self._state_dir = path
         return self._state_dir
 
-    async def submit(self, sender: str, recipients: list[str],
-                     message: bytes) -> QueuedMessage:
+    async def submit(self, sender: str, recipients: list[str], message: bytes, *,
+                     id: str | None = None) -> QueuedMessage:
         """Put a message this plugin made (a report, a notice) into the outbound queue.
 
         It is in the spool, fsynced, when this returns, and is delivered like any other.
@@ -108,9 +108,13 @@ class Server:
         :param sender: The reverse path, ``""`` for the null sender (notices).
         :param recipients: Forward paths, ``local@domain``.
         :param message: The whole message, headers first, CRLF line ends.
-        :raises SpoolError: it could not be stored, or no queue runs in this command.
+        :param id: A queue id of the plugin's own (letters, digits, ``.``, ``_``, ``-``;
+            start it with the plugin's name), for a message that must be queued once:
+            a second submit with the same id, while the first is queued, is refused.
+        :raises SpoolError: it could not be stored, its ``id`` is queued already, or no
+            queue runs in this command.
         """
-        return await self._core.submit(sender, recipients, message)
+        return await self._core.submit(sender, recipients, message, id=id)
 
     async def enqueue(self, transaction: Transaction) -> QueuedMessage:
         """Store a received message durably in the outbound queue, for a ``queue`` or

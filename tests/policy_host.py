@@ -19,8 +19,9 @@ class PolicyHost:
     """An HTTPS server on 127.0.0.x answering the well-known path with ``handler``; it
     records every path asked for."""
 
-    def __init__(self, host: str, context: ssl.SSLContext, handler, port: int = 0) -> None:
-        self.host, self.context, self.handler = host, context, handler
+    def __init__(self, host: str, context: ssl.SSLContext, handler, port: int = 0,
+                 method: str = "GET") -> None:
+        self.host, self.context, self.handler, self.method = host, context, handler, method
         self.requests: list[str] = []
         self.port = port
 
@@ -30,7 +31,7 @@ class PolicyHost:
             return await self.handler(request)
 
         app = web.Application()
-        app.router.add_route("GET", "/{tail:.*}", handle)
+        app.router.add_route(self.method, "/{tail:.*}", handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, ssl_context=self.context,

@@ -231,7 +231,7 @@ class _Core:
         self.notes: dict[str, object] = {}
         self.clock = Clock()
 
-    async def submit(self, sender, recipients, message):
+    async def submit(self, sender, recipients, message, *, id=None):
         raise AssertionError("not used")
 
     async def enqueue(self, transaction):

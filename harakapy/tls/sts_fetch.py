@@ -53,7 +53,7 @@ class Fetched:
     url: str
 
 
-class _ServerResolver(AbstractResolver):
+class ServerResolver(AbstractResolver):
     """aiohttp's name lookups through harakapy's resolver (rule 4)."""
 
     def __init__(self, resolver: Resolver) -> None:
@@ -109,7 +109,7 @@ async def fetch_policy(domain: str, *, resolver: Resolver, context: ssl.SSLConte
     host = f"mta-sts.{domain}"
     url = f"https://{host}{WELL_KNOWN}" if port == 443 else \
         f"https://{host}:{port}{WELL_KNOWN}"
-    connector = aiohttp.TCPConnector(resolver=_ServerResolver(resolver), ssl=context,
+    connector = aiohttp.TCPConnector(resolver=ServerResolver(resolver), ssl=context,
                                      use_dns_cache=False, force_close=True)
     timeouts = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
     try:

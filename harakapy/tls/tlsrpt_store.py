@@ -141,3 +141,64 @@ class SessionStore:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+_LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    report_id TEXT NOT NULL,
+    rua TEXT NOT NULL,        -- '' : the domain asked for no report (nothing to send)
+    state TEXT NOT NULL,      -- pending, sent, gave-up, none
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_try REAL NOT NULL,
+    next_try REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (report_id, rua)
+) WITHOUT ROWID;
+"""
+
+
+class DeliveryLog:
+    """What became of each report at each of its destinations, kept beside the counts:
+    a report an endpoint accepted is marked ``sent`` and never sent again, across
+    restarts too.
+
+    :param path: The same SQLite file as the :class:`SessionStore`, or another.
+    """
+
+    PENDING, SENT, GAVE_UP, NONE = "pending", "sent", "gave-up", "none"
+
+    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+        self._store = SessionStore(path, busy_timeout=busy_timeout)
+        with self._store._connection() as db:
+            db.executescript(_LOG_SCHEMA)
+
+    def states(self, report_id: str) -> dict[str, tuple[str, int, float, float, str]]:
+        """``rua -> (state, attempts, first_try, next_try, last_error)``."""
+        with self._store._connection() as db:
+            return {row[0]: tuple(row[1:]) for row in db.execute(
+                "SELECT rua, state, attempts, first_try, next_try, last_error FROM "
+                "deliveries WHERE report_id = ?", (report_id,))}
+
+    def begin(self, report_id: str, ruas: list[str], now: float) -> None:
+        """Note the destinations of a report (those already noted keep their state)."""
+        with self._store._connection() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (report_id, rua, state, first_try, "
+                "next_try) VALUES (?, ?, ?, ?, ?)",
+                [(report_id, rua, self.PENDING if rua else self.NONE, now, now)
+                 for rua in (ruas or [""])])
+
+    def update(self, report_id: str, rua: str, state: str, *, next_try: float = 0.0,
+               error: str = "") -> None:
+        with self._store._connection() as db:
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
+                       "next_try = ?, last_error = ? WHERE report_id = ? AND rua = ?",
+                       (state, next_try, error[:500], report_id, rua))
+
+    def done(self, report_id: str) -> bool:
+        """Whether nothing is left to send for the report (it may never have begun)."""
+        states = self.states(report_id)
+        return bool(states) and all(s[0] != self.PENDING for s in states.values())
+
+    def close(self) -> None:
+        self._store.close()

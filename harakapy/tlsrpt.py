@@ -1,0 +1,370 @@
+"""What the ``tlsrpt`` plugin does: count every outbound TLS session, and once a day send
+each domain that asks for it (``_smtp._tls``) its report (RFC 8460).
+
+Rules:
+
+1. Every ``tls_result`` is counted in memory and added to the shared SQLite file in
+   batches, off the delivery path (``flush_interval``); a stop flushes what is left.
+2. Sessions that carry our own reports are not counted: report mail is queued under
+   ids of its own (``tlsrpt-...``), and the plugin gives those messages the level
+   ``may`` itself, so that a destination's MTA-STS or DANE failure never holds back the
+   report about it (RFC 8460 section 3).
+3. A day's report for a domain is sent once the UTC day is over plus a delay between 0
+   and ``max_delay`` that is the same for a domain and day every time (so that a
+   restart does not move it), to every ``mailto:`` and ``https:`` destination of its
+   record: mail through our own queue, from the null sender (no notices about notices),
+   DKIM-signed with the keys of ``config/dkim_sign.ini`` for the submitter's domain;
+   HTTPS as a POST of ``application/tlsrpt+gzip``.
+4. A destination that accepted the report is marked ``sent`` and never gets it again; a
+   failing one is tried again with a back-off from 5 minutes, for up to 24 hours.
+5. A domain with no TLSRPT record gets no report; every day's data is dropped after
+   ``retention`` days, sent or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.message
+import email.policy
+import email.utils
+import hashlib
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harakapy.clock import Clock
+from harakapy.config import Config
+from harakapy.dkim import DkimSigner
+from harakapy.dns import DnsError, Resolver
+from harakapy.spool.store import QueuedMessage, SpoolError
+from harakapy.tls.policy import Level, Policy
+from harakapy.tls.results import TlsResult
+from harakapy.tls.sts_fetch import ServerResolver
+from harakapy.tls.tlsrpt import TlsrptError, TlsrptRecord, select_record
+from harakapy.tls.tlsrpt_report import (
+    compressed,
+    file_name,
+    report_id,
+    report_json,
+    session_key,
+)
+from harakapy.tls.tlsrpt_store import DeliveryLog, SessionStore
+
+log = logging.getLogger("harakapy.tlsrpt")
+
+ID_PREFIX = "tlsrpt-"
+DATA_NAME = "reports.sqlite"
+STATE_FOLDER = "tlsrpt"
+FIRST_RETRY = 300.0
+RETRY_FOR = 86400.0
+
+Submit = Callable[..., Awaitable[QueuedMessage]]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsrptSettings:
+    """``config/tlsrpt.ini``."""
+
+    organization: str
+    contact: str
+    max_delay: float = 4 * 3600.0
+    flush_interval: float = 5.0
+    check_interval: float = 300.0
+    retention: int = 2
+    https_timeout: float = 60.0
+
+    @property
+    def submitter(self) -> str:
+        return self.contact.rpartition("@")[2].lower()
+
+    @classmethod
+    def from_config(cls, config: Config) -> TlsrptSettings:
+        ini = config.ini("tlsrpt.ini")
+        ini.check_known(config.shipped_ini("tlsrpt.ini"))
+        me = (config.value("me") or "").strip() or "localhost"
+        contact = ini.get_str("main", "contact") or f"tlsrpt-noreply@{me}"
+        if "@" not in contact or any(c in contact for c in " \t\r\n<>"):
+            raise ini.error("main", "contact", f"{contact!r} is not a mail address")
+        settings = cls(
+            organization=ini.get_str("main", "organization") or me,
+            contact=contact,
+            max_delay=ini.get_duration("main", "max_delay", 4 * 3600.0),
+            flush_interval=ini.get_duration("main", "flush_interval", 5.0),
+            check_interval=ini.get_duration("main", "check_interval", 300.0),
+            retention=ini.get_int("main", "retention_days", 2, minimum=1))
+        if settings.flush_interval <= 0 or settings.check_interval <= 0:
+            raise ini.error("main", "flush_interval" if settings.flush_interval <= 0
+                            else "check_interval", "must be more than 0 seconds")
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One destination's fate in one sending round."""
+
+    rua: str
+    state: str
+    error: str = ""
+
+
+def utc_day(moment: float) -> datetime.date:
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).date()
+
+
+def data_path(config: Config) -> Path:
+    """The plugin's SQLite file, ``DIR/state/tlsrpt/reports.sqlite``."""
+    folder = config.state_dir() / STATE_FOLDER
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder / DATA_NAME
+
+
+class Tlsrpt:
+    """The counter and the sender.
+
+    :param submit: ``server.submit`` (``None`` in a command without a queue: mailto
+        destinations then wait for the server).
+    """
+
+    def __init__(self, settings: TlsrptSettings, path: Path, resolver: Resolver,
+                 clock: Clock, submit: Submit | None, signer: DkimSigner | None,
+                 ca_file: Path | None = None) -> None:
+        self.settings = settings
+        self.sessions = SessionStore(path)
+        self.deliveries = DeliveryLog(path)
+        self.resolver = resolver
+        self.clock = clock
+        self.submit = submit
+        self.signer = signer
+        self.ca_file = ca_file
+        self._pending: Counter = Counter()
+        self._flushing = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config, resolver: Resolver, clock: Clock,
+                    submit: Submit | None) -> Tlsrpt:
+        """One per config generation and process; the keys of ``config/dkim_sign.ini``
+        sign the report mail."""
+        from harakapy.outbound.tls_policy import tls_settings
+
+        settings = config.derive("tlsrpt.settings", TlsrptSettings.from_config)
+        signer = config.derive("dkim_sign.signer", DkimSigner.from_config)
+        if settings.submitter not in signer.keys:
+            log.warning("TLSRPT: no DKIM key for %s in config/dkim_sign.ini: receivers "
+                        "ignore unsigned report mail (RFC 8460 3)", settings.submitter)
+        return cls(settings, data_path(config), resolver, clock, submit, signer,
+                   tls_settings(config).ca_file)
+
+    @staticmethod
+    def check_config(config: Config) -> TlsrptSettings:
+        DkimSigner.from_config(config)
+        return config.derive("tlsrpt.settings", TlsrptSettings.from_config)
+
+    # -- counting -------------------------------------------------------------------------
+
+    def record(self, result: TlsResult) -> None:
+        """Rule 1 (rule 2: the plugin's own policy marks report sessions)."""
+        if result.decided_by == "tlsrpt":
+            return
+        self._pending[session_key(result, self.clock.time())] += 1
+
+    async def flush(self) -> None:
+        """Write what was counted; a flush already writing is waited for, so that what
+        follows (the day's report) sees every session this process counted."""
+        async with self._flushing:
+            batch, self._pending = self._pending, Counter()
+            if batch:
+                try:
+                    await asyncio.to_thread(self.sessions.add, batch)
+                except Exception:
+                    self._pending.update(batch)  # kept for the next flush
+                    raise
+
+    async def run_flush(self) -> None:
+        while True:
+            await self.clock.sleep(self.settings.flush_interval)
+            await self.flush()
+
+    @staticmethod
+    def is_report(message: QueuedMessage | None) -> bool:
+        """Whether ``message`` is one of our reports (rule 2)."""
+        return message is not None and message.id.startswith(ID_PREFIX)
+
+    @staticmethod
+    def report_policy() -> Policy:
+        """Rule 2's policy for report mail."""
+        return Policy(Level.MAY, reason="a TLS report (RFC 8460 3: delivered whatever "
+                                        "the destination's TLS policy)")
+
+    # -- reports ----------------------------------------------------------------------------
+
+    def delay(self, day: datetime.date, domain: str) -> float:
+        digest = hashlib.sha256(f"{day}/{domain}".encode()).digest()
+        return self.settings.max_delay * int.from_bytes(digest[:4]) / 2**32
+
+    def due_at(self, day: datetime.date, domain: str) -> float:
+        midnight = datetime.datetime.combine(day + datetime.timedelta(days=1),
+                                             datetime.time(), datetime.UTC).timestamp()
+        # Every process has flushed the day's last sessions by then.
+        settled = 2 * self.settings.flush_interval
+        return midnight + settled + self.delay(day, domain)
+
+    async def report(self, day: datetime.date, domain: str) -> dict[str, Any]:
+        counts = await asyncio.to_thread(self.sessions.counts, day, domain)
+        return report_json(organization=self.settings.organization,
+                           contact=self.settings.contact, day=day, domain=domain,
+                           policies=counts)
+
+    async def discover(self, domain: str) -> TlsrptRecord | None:
+        """The domain's record; ``None`` when it asks for no reports.
+
+        :raises DnsError: the lookup failed: try again later.
+        """
+        texts = await self.resolver.txt(f"_smtp._tls.{domain}")
+        try:
+            return select_record(texts)
+        except TlsrptError as exc:
+            if texts:
+                log.info("TLSRPT: %s: %s; no report", domain, exc.reason)
+            return None
+
+    def mime(self, report: dict[str, Any], body: bytes, domain: str, to: str) -> bytes:
+        """Rule 3's message (RFC 8460 5.3), DKIM-signed when a key is configured."""
+        submitter = self.settings.submitter
+        day = datetime.date.fromisoformat(report["date-range"]["start-datetime"][:10])
+        message = email.message.EmailMessage(policy=email.policy.SMTP)
+        message["From"] = self.settings.contact
+        message["To"] = to
+        message["Date"] = email.utils.formatdate(self.clock.time(), usegmt=True)
+        message["Subject"] = (f"Report Domain: {domain} Submitter: {submitter} "
+                              f"Report-ID: <{report['report-id']}>")
+        message["Message-ID"] = email.utils.make_msgid("tlsrpt", domain=submitter)
+        message["TLS-Report-Domain"] = domain
+        message["TLS-Report-Submitter"] = submitter
+        message["TLS-Required"] = "No"
+        message.set_content(
+            f"This is an SMTP TLS report (RFC 8460) for {domain}, for "
+            f"{day.isoformat()} (UTC), from {self.settings.organization}.\n")
+        message.add_attachment(body, maintype="application", subtype="tlsrpt+gzip",
+                               filename=file_name(submitter, domain, day))
+        message.replace_header("Content-Type", "multipart/report; report-type=\"tlsrpt\"; "
+                               f"boundary=\"{message.get_boundary()}\"")
+        raw = message.as_bytes()
+        if self.signer is not None:
+            raw = self.signer.sign(raw, domain=submitter)
+        return raw
+
+    async def send(self, day: datetime.date, domain: str) -> list[Outcome]:
+        """Rules 3 and 4 for one domain and day: every destination not yet done."""
+        record = await self.discover(domain)
+        ident = report_id(day, domain, self.settings.submitter)
+        now = self.clock.time()
+        if record is None or not record.rua:
+            await asyncio.to_thread(self.deliveries.begin, ident, [], now)
+            return []
+        ruas = [str(rua) for rua in record.rua]
+        await asyncio.to_thread(self.deliveries.begin, ident, ruas, now)
+        states = await asyncio.to_thread(self.deliveries.states, ident)
+        report = await self.report(day, domain)
+        body = compressed(report)
+        outcomes = []
+        for rua in record.rua:
+            state, attempts, first_try, next_try, _error = states[str(rua)]
+            if state != DeliveryLog.PENDING or next_try > now:
+                continue
+            error = await (self._mail(report, body, domain, rua.target, ident)
+                           if rua.scheme == "mailto" else self._post(rua.target, body))
+            if not error:
+                new_state, retry = DeliveryLog.SENT, 0.0
+                log.info("TLSRPT: the report %s went to %s", ident, rua)
+            elif now - first_try >= RETRY_FOR:
+                new_state, retry = DeliveryLog.GAVE_UP, 0.0
+                log.warning("TLSRPT: giving up on %s for %s after 24 hours: %s", rua,
+                            ident, error)
+            else:
+                new_state = DeliveryLog.PENDING
+                retry = now + min(FIRST_RETRY * 2 ** attempts, 6 * 3600.0)
+                log.info("TLSRPT: %s for %s failed (%s); trying again later", rua, ident,
+                         error)
+            await asyncio.to_thread(self.deliveries.update, ident, str(rua), new_state,
+                                    next_try=retry, error=error)
+            outcomes.append(Outcome(str(rua), new_state, error))
+        return outcomes
+
+    async def _mail(self, report: dict[str, Any], body: bytes, domain: str, to: str,
+                    ident: str) -> str:
+        if self.submit is None:
+            return "no outbound queue runs in this command"
+        message = await asyncio.to_thread(self.mime, report, body, domain, to)
+        queue_id = ID_PREFIX + hashlib.sha256(f"{ident} {to}".encode()).hexdigest()[:32]
+        try:
+            await self.submit("", [to], message, id=queue_id)
+        except SpoolError as exc:
+            if "already in the spool" in str(exc):
+                return ""  # queued before a restart: the queue delivers it
+            return str(exc)
+        return ""
+
+    async def _post(self, url: str, body: bytes) -> str:
+        import aiohttp
+
+        # RFC 8460 5.4: a submitter MAY ignore certificate errors; we check, with the
+        # same trust anchors as delivery, and retry rather than post blind.
+        context = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file else None)
+        timeout = aiohttp.ClientTimeout(total=self.settings.https_timeout)
+        connector = aiohttp.TCPConnector(resolver=ServerResolver(self.resolver),
+                                         use_dns_cache=False)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                             trust_env=False) as session, session.post(
+                    url, data=body, ssl=context, allow_redirects=False,
+                    headers={"Content-Type": "application/tlsrpt+gzip"}) as response:
+                if 200 <= response.status < 300:
+                    return ""
+                return f"HTTP {response.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"[:200]
+
+    # -- the daily round --------------------------------------------------------------------
+
+    async def due(self) -> list[tuple[datetime.date, str]]:
+        """The (day, domain) pairs whose report is due and not done."""
+        now = self.clock.time()
+        today = utc_day(now)
+        found = []
+        for day in await asyncio.to_thread(self.sessions.days):
+            if day >= today:
+                continue
+            for domain in await asyncio.to_thread(self.sessions.domains, day):
+                ident = report_id(day, domain, self.settings.submitter)
+                if now >= self.due_at(day, domain) and not await asyncio.to_thread(
+                        self.deliveries.done, ident):
+                    found.append((day, domain))
+        return found
+
+    async def send_due(self) -> list[Outcome]:
+        outcomes = []
+        for day, domain in await self.due():
+            try:
+                outcomes += await self.send(day, domain)
+            except DnsError as exc:
+                log.info("TLSRPT: the _smtp._tls record of %s could not be read (%s); "
+                         "trying again later", domain, exc.reason)
+        cutoff = utc_day(self.clock.time()) - datetime.timedelta(days=self.settings.retention)
+        await asyncio.to_thread(self.sessions.forget, cutoff)
+        return outcomes
+
+    async def run_sender(self) -> None:
+        while True:
+            await self.flush()
+            await self.send_due()
+            await self.clock.sleep(self.settings.check_interval)
+
+    def close(self) -> None:
+        self.sessions.close()
+        self.deliveries.close()

@@ -1,0 +1,54 @@
+"""tlsrpt: SMTP TLS Reporting (RFC 8460): count every outbound TLS session, and send each
+domain that asks for it (its _smtp._tls record) a daily report.
+
+Results of the tls_result hook are counted in memory and written in batches to
+DIR/state/tlsrpt/reports.sqlite (shared by the workers). After each UTC day, at a delay
+of its own, each domain's report goes to the mailto: and https: addresses of its record:
+mail through the outbound queue from the null sender, DKIM-signed with the keys of
+config/dkim_sign.ini for the domain of contact; HTTPS as a POST. Report mail is
+delivered at the level may whatever the destination's policy, and its sessions are not
+counted (RFC 8460 section 3). Listed before the TLS policy plugins, so that its
+tls_policy answer for report mail comes first.
+
+Settings: config/tlsrpt.ini   Docs: docs/plugins/tlsrpt.md
+"""
+
+from __future__ import annotations
+
+from harakapy import Server, Tlsrpt, background, checked_config, hookimpl
+
+startup, config_reload = checked_config("tlsrpt.checked", Tlsrpt.check_config)
+
+
+def _tlsrpt(server: Server) -> Tlsrpt:
+    return server.config.derive("tlsrpt.service", lambda config: Tlsrpt.from_config(
+        config, server.dns, server.clock, server.submit))
+
+
+@hookimpl
+def tls_result(result, server):
+    _tlsrpt(server).record(result)
+
+
+@hookimpl
+def tls_policy(message, server):
+    if Tlsrpt.is_report(message):
+        return Tlsrpt.report_policy()
+    return None
+
+
+@background(per_process=True)
+async def flush(server):
+    """Write this process's counts every flush_interval."""
+    await _tlsrpt(server).run_flush()
+
+
+@background
+async def send(server):
+    """Send the reports that are due (one process of the installation)."""
+    await _tlsrpt(server).run_sender()
+
+
+@hookimpl
+async def shutdown(server):
+    await _tlsrpt(server).flush()

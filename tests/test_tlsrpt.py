@@ -1,0 +1,165 @@
+"""The tlsrpt plugin end to end: sessions to MTA-STS and no-policy domains are counted, and
+after the UTC day the report reaches the domain's rua: a real receiving SMTP server
+(the mail decoded, its DKIM signature verified against the key the test DNS server
+serves) and a real HTTPS endpoint on loopback (RFC 8460, ../shared/specs/tlsrpt.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email
+import email.policy
+import gzip
+import json
+
+import dkim
+import dns.message
+import dns.query
+from aiohttp import web
+
+from harakapy import dkim as harakapy_dkim
+from harakapy.tls.context import self_signed_context
+from tests.harness import eventually
+from tests.policy_host import PolicyHost, server_context
+from tests.sts_world import MX2_IP, MX_IP, REAL_IP, Answer, policy
+from tests.test_tlsrpt_report import SCHEMA
+
+DAY = 86400.0
+
+
+async def reporting_world(sts_world, tmp_path, rua: str, extra_ini: str = ""):
+    seed, key_part = harakapy_dkim.generate("ed25519")
+    key = tmp_path / "tlsrpt.key"
+    key.write_bytes(seed)
+    world = await sts_world(plugins="relay\ntlsrpt\nmta_sts\nrecorder\n")
+    config = world.env.hp.root / "config"
+    (config / "dkim_sign.ini").write_text(f"[sign harakapy.test s1]\nkey = {key}\n")
+    (config / "tlsrpt.ini").write_text(
+        "[main]\norganization = Example Sender\ncontact = tlsrpt@harakapy.test\n"
+        f"max_delay = 1h\nflush_interval = 1s\n{extra_ini}")
+    assert await world.env.hp.server.reload()
+    world.records["dkim"] = [f's1._domainkey.harakapy.test. TXT "v=DKIM1; {key_part}"']
+    world.records["reports"] = ["reports.test. MX 10 mx.reports.test.",
+                                f"mx.reports.test. A {REAL_IP}"]
+    world.domain("a.test")
+    world.txt("a.test", "v=STSv1; id=1")
+    world.records["a.test"].append(f'_smtp._tls.a.test. TXT "v=TLSRPTv1; rua={rua}"')
+    world.publish_zone()
+    return world
+
+
+async def traffic(world) -> None:
+    """Two sessions under a.test's enforce policy: one good, one to an MX whose
+    certificate names another host."""
+    world.records["a.test"] += ["a.test. MX 20 mx2.a.test.", f"mx2.a.test. A {MX2_IP}"]
+    world.answers["a.test"] = Answer(body=policy("enforce", "mx.a.test", "mx2.a.test"))
+    world.publish_zone()
+    bad = await world.mx(MX_IP, "mx.elsewhere.example")
+    good = await world.mx(MX2_IP, "mx2.a.test")
+    await world.env.send("bob@a.test")
+    await eventually(lambda: good.messages)
+    assert bad.messages == []
+
+
+def txt_lookup(port: int):
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        response = dns.query.udp(dns.message.make_query(name.decode(), "TXT"), "127.0.0.1",
+                                 port=port, timeout=timeout)
+        return b"".join(b"".join(r.strings) for rrset in response.answer for r in rrset)
+    return lookup
+
+
+async def next_day(world) -> None:
+    """Past the UTC midnight after now and the whole max_delay: the report is due."""
+    now = world.env.clock.now
+    midnight = (now // DAY + 1) * DAY
+    await world.env.advance(midnight - now + 3601)
+
+
+async def test_the_days_report_is_mailed_dkim_signed_and_matches_the_sessions(
+        sts_world, tmp_path):
+    world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@reports.test")
+    inbox = await world.mx(REAL_IP, tls_context=self_signed_context("mx.reports.test"))
+    await traffic(world)
+    day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
+    await next_day(world)
+    await eventually(lambda: inbox.messages, timeout=15)
+    received = inbox.messages[0]
+    assert received.sender in ("", "<>") and received.recipients == ["tlsrpt@reports.test"]
+    assert await asyncio.to_thread(dkim.verify, received.data,
+                                   dnsfunc=txt_lookup(world.env.dns.port))
+    message = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "tlsrpt"
+    assert message["TLS-Report-Domain"] == "a.test"
+    assert message["TLS-Report-Submitter"] == "harakapy.test"
+    assert message["TLS-Required"] == "No"
+    assert message["Subject"].startswith("Report Domain: a.test Submitter: harakapy.test "
+                                         "Report-ID: <")
+    (part,) = [p for p in message.iter_attachments()
+               if p.get_content_type() == "application/tlsrpt+gzip"]
+    begin = int(datetime.datetime.combine(day, datetime.time(), datetime.UTC).timestamp())
+    assert part.get_filename() == f"harakapy.test!a.test!{begin}!{begin + 86399}.json.gz"
+    report = json.loads(gzip.decompress(part.get_content()))
+    import jsonschema
+
+    jsonschema.validate(report, SCHEMA)
+    assert report["organization-name"] == "Example Sender"
+    assert report["contact-info"] == "tlsrpt@harakapy.test"
+    assert report["date-range"]["start-datetime"] == f"{day.isoformat()}T00:00:00Z"
+    (entry,) = report["policies"]
+    assert entry["policy"]["policy-type"] == "sts"
+    assert entry["policy"]["mx-host"] == ["mx.a.test", "mx2.a.test"]
+    assert entry["summary"] == {"total-successful-session-count": 1,
+                                "total-failure-session-count": 1}
+    (failure,) = entry["failure-details"]
+    assert failure["result-type"] == "certificate-host-mismatch"
+    assert failure["receiving-mx-hostname"] == "mx.a.test"
+    assert failure["receiving-ip"] == MX_IP and failure["failed-session-count"] == 1
+
+
+async def test_the_report_is_posted_and_a_failing_endpoint_is_tried_again_once_more(
+        sts_world, tmp_path):
+    posts: list[tuple[str, bytes]] = []
+    answers = [500, 201]
+
+    async def endpoint(request: web.Request) -> web.Response:
+        posts.append((request.content_type, await request.read()))
+        return web.Response(status=answers.pop(0) if answers else 201)
+
+    world = await reporting_world(sts_world, tmp_path, "https://reports.test:{port}/tlsrpt")
+    ca = world.env.certs.ca
+    host = await world.env.stack.enter_async_context(
+        PolicyHost("127.0.0.44", server_context(ca, "reports.test"), endpoint,
+                   method="POST"))
+    world.records["a.test"] = [line.replace("{port}", str(host.port))
+                               for line in world.records["a.test"]]
+    world.records["reports"].append("reports.test. A 127.0.0.44")
+    world.publish_zone()
+    await traffic(world)
+    await next_day(world)
+    await eventually(lambda: posts, timeout=15)
+    await world.env.advance(600)  # past the 5-minute back-off
+    await eventually(lambda: len(posts) == 2, timeout=15)
+    service = world.env.hp.server.config.derive("tlsrpt.service", None)
+    assert not await service.send_due()  # accepted once: nothing is due again
+    assert len(posts) == 2
+    content_type, body = posts[1]
+    assert content_type == "application/tlsrpt+gzip"
+    assert json.loads(gzip.decompress(body))["policies"][0]["policy"]["policy-type"] == "sts"
+
+
+async def test_report_mail_goes_at_may_and_its_session_is_not_counted(sts_world, tmp_path):
+    # The rua domain enforces MTA-STS and its MX has a certificate for another name: the
+    # report is delivered anyway, and that session is in no report.
+    world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@r.test")
+    world.domain("r.test", mx=((10, "mx.r.test", REAL_IP),))
+    inbox = await world.mx(REAL_IP, "mx.elsewhere.example")
+    await traffic(world)
+    await next_day(world)
+    await eventually(lambda: inbox.messages, timeout=15)
+    service = world.env.hp.server.config.derive("tlsrpt.service", None)
+    await service.flush()
+    days = service.sessions.days()
+    assert days and all("r.test" not in service.sessions.domains(day) for day in days)
+
