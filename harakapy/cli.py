@@ -289,6 +289,94 @@ def cmd_mta_sts(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tlsrpt(args: argparse.Namespace) -> int:
+    import datetime
+    import json
+
+    from harakapy.clock import Clock
+    from harakapy.config import Config
+    from harakapy.dns import DnsError, Resolver
+    from harakapy.tls.tlsrpt_report import compressed
+    from harakapy.tlsrpt import Tlsrpt, utc_day
+
+    logs.setup("text", "warning")
+    try:
+        day = datetime.date.fromisoformat(args.date) if args.date else None
+    except ValueError:
+        return _fail(f"--date {args.date!r} is not YYYY-MM-DD", 2)
+
+    async def main() -> tuple[str, int]:
+        config = Config.load(Path(args.config_dir) if args.config_dir else None)
+        clock = Clock()
+        service = Tlsrpt.from_config(config, Resolver.from_config(config), clock, None)
+        try:
+            wanted = day or (utc_day(clock.time()) if args.action == "show" else
+                             utc_day(clock.time()) - datetime.timedelta(days=1))
+            domains = [args.domain] if getattr(args, "domain", None) else \
+                await asyncio.to_thread(service.sessions.domains, wanted)
+            reports = [await service.report(wanted, domain) for domain in domains]
+            if args.action == "show":
+                if args.json:
+                    return json.dumps(reports, indent=1), 0
+                return _format_reports(wanted, domains, reports), 0
+            lines, failed = [], False
+            for domain, report in zip(domains, reports, strict=True):
+                record = await service.discover(domain)
+                if record is None or not record.rua:
+                    lines.append(f"{domain}: asks for no reports (no usable _smtp._tls)")
+                    continue
+                for rua in record.rua:
+                    if args.dry_run:
+                        if rua.scheme == "mailto":
+                            lines.append(service.mime(report, compressed(report), domain,
+                                                      rua.target).decode("ascii",
+                                                                         "replace"))
+                        else:
+                            lines.append(f"POST {rua} (application/tlsrpt+gzip):")
+                            lines.append(json.dumps(report, indent=1))
+                        continue
+                    if rua.scheme == "mailto":
+                        lines.append(f"{domain}: {rua}: sent by the running server's "
+                                     f"round (every check_interval), after the day")
+                        continue
+                    error = await service.post(rua.target, compressed(report))
+                    failed = failed or bool(error)
+                    lines.append(f"{domain}: {rua}: {error or 'accepted'}")
+            return "\n".join(lines) or f"no sessions on {wanted.isoformat()}", int(failed)
+        finally:
+            service.close()
+
+    try:
+        text, code = _run_loop(main())
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    except DnsError as exc:
+        return _fail(f"a _smtp._tls record could not be read: {exc.reason}", 1)
+    print(text)
+    return code
+
+
+def _format_reports(day, domains, reports) -> str:
+    if not reports:
+        return f"no sessions on {day.isoformat()} (UTC)"
+    lines = [f"TLS sessions on {day.isoformat()} (UTC), as each domain's report will say:"]
+    for domain, report in zip(domains, reports, strict=True):
+        lines.append(f"{domain}  (report-id {report['report-id']})")
+        for entry in report["policies"]:
+            policy, summary = entry["policy"], entry["summary"]
+            lines.append(f"  {policy['policy-type']} {policy['policy-domain']}: "
+                         f"{summary['total-successful-session-count']} succeeded, "
+                         f"{summary['total-failure-session-count']} failed")
+            for detail in entry["failure-details"]:
+                lines.append(f"    {detail['failed-session-count']} x "
+                             f"{detail['result-type']} at "
+                             f"{detail.get('receiving-mx-hostname', '-')} "
+                             f"[{detail.get('receiving-ip', '-')}]"
+                             + (f" ({detail['failure-reason-code']})"
+                                if "failure-reason-code" in detail else ""))
+    return "\n".join(lines)
+
+
 def cmd_dkim(args: argparse.Namespace) -> int:
     import os
 
@@ -408,6 +496,24 @@ def build_parser() -> argparse.ArgumentParser:
                             help="config directory (default: the shipped defaults)")
         action.add_argument("--json", action="store_true", help="machine-readable output")
     sts.set_defaults(func=cmd_mta_sts)
+
+    tlsrpt = commands.add_parser(
+        "tlsrpt", help="the TLS reports (RFC 8460) harakapy sends",
+        description="show: what each domain's report will say for a day (default today, "
+                    "UTC). send: send the reports of a day (default yesterday) to their "
+                    "https: destinations now; with --dry-run, print each report as it "
+                    "would go out (the mail, or the JSON to POST).")
+    tlsrpt_actions = tlsrpt.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show_reports = tlsrpt_actions.add_parser("show", help="the reports we will send")
+    show_reports.add_argument("--domain", metavar="DOMAIN")
+    show_reports.add_argument("--json", action="store_true", help="the reports' JSON")
+    send_reports = tlsrpt_actions.add_parser("send", help="send a day's reports now")
+    send_reports.add_argument("--dry-run", action="store_true",
+                              help="print what would be sent, send nothing")
+    for action in tlsrpt_actions.choices.values():
+        action.add_argument("--date", metavar="YYYY-MM-DD", help="the UTC day")
+        action.add_argument("-c", "--config-dir", metavar="DIR", help="config directory")
+    tlsrpt.set_defaults(func=cmd_tlsrpt)
 
     dkim_command = commands.add_parser(
         "dkim", help="DKIM keys for dkim_sign",

@@ -277,7 +277,7 @@ class Tlsrpt:
             if state != DeliveryLog.PENDING or next_try > now:
                 continue
             error = await (self._mail(report, body, domain, rua.target, ident)
-                           if rua.scheme == "mailto" else self._post(rua.target, body))
+                           if rua.scheme == "mailto" else self.post(rua.target, body))
             if not error:
                 new_state, retry = DeliveryLog.SENT, 0.0
                 log.info("TLSRPT: the report %s went to %s", ident, rua)
@@ -309,7 +309,8 @@ class Tlsrpt:
             return str(exc)
         return ""
 
-    async def _post(self, url: str, body: bytes) -> str:
+    async def post(self, url: str, body: bytes) -> str:
+        """POST a compressed report (RFC 8460 5.4); empty on success, else why not."""
         import aiohttp
 
         # RFC 8460 5.4: a submitter MAY ignore certificate errors; we check, with the

@@ -163,3 +163,30 @@ async def test_report_mail_goes_at_may_and_its_session_is_not_counted(sts_world,
     days = service.sessions.days()
     assert days and all("r.test" not in service.sessions.domains(day) for day in days)
 
+
+
+async def test_the_cli_shows_the_report_and_prints_it_as_it_would_go_out(sts_world,
+                                                                       tmp_path):
+    from tests.processes import harakapy
+
+    world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@reports.test")
+    await traffic(world)
+    await world.env.hp.server.config.derive("tlsrpt.service", None).flush()
+    day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
+    root = str(world.env.hp.root)
+    shown = await asyncio.to_thread(harakapy, "tlsrpt", "show", "--date", day.isoformat(),
+                                    "-c", root)
+    assert shown.returncode == 0, shown.stderr
+    assert "sts a.test: 1 succeeded, 1 failed" in shown.stdout
+    assert "1 x certificate-host-mismatch at mx.a.test [127.0.0.21]" in shown.stdout
+    as_json = await asyncio.to_thread(harakapy, "tlsrpt", "show", "--date", day.isoformat(),
+                                      "-c", root, "--json")
+    (report,) = json.loads(as_json.stdout)
+    import jsonschema
+
+    jsonschema.validate(report, SCHEMA)
+    dry = await asyncio.to_thread(harakapy, "tlsrpt", "send", "--dry-run", "--date",
+                                  day.isoformat(), "-c", root)
+    assert dry.returncode == 0, dry.stderr
+    assert "TLS-Report-Domain: a.test" in dry.stdout and "DKIM-Signature:" in dry.stdout
+    assert 'report-type="tlsrpt"' in dry.stdout
