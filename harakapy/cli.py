@@ -300,6 +300,8 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
     from harakapy.tlsrpt import Tlsrpt, utc_day
 
     logs.setup("text", "warning")
+    if args.action in ("import", "received"):
+        return _tlsrpt_received(args)
     try:
         day = datetime.date.fromisoformat(args.date) if args.date else None
     except ValueError:
@@ -354,6 +356,54 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
         return _fail(f"a _smtp._tls record could not be read: {exc.reason}", 1)
     print(text)
     return code
+
+
+def _tlsrpt_received(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from harakapy.config import Config
+    from harakapy.tls.tlsrpt_received import ReceivedStore, ReportError, parse_report
+    from harakapy.tlsrpt import received_path
+
+    try:
+        config = Config.load(Path(args.config_dir) if args.config_dir else None)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    store = ReceivedStore(received_path(config))
+    try:
+        if args.action == "import":
+            code = 0
+            for name in args.files:
+                try:
+                    report = parse_report(Path(name).read_bytes())
+                except OSError as exc:
+                    print(f"{name}: cannot read: {exc.strerror}", file=sys.stderr)
+                    code = 1
+                    continue
+                except ReportError as exc:
+                    print(f"{name}: not a TLS report: {exc.reason}", file=sys.stderr)
+                    code = 1
+                    continue
+                added = store.add(report)
+                print(f"{name}: {'stored' if added else 'already stored'} "
+                      f"({report['organization-name']}, {report['report-id']})")
+            return code
+        summaries = store.summary(args.since or "")
+        if args.json:
+            print(json.dumps([dataclasses.asdict(s) for s in summaries], indent=1))
+        elif not summaries:
+            print("no TLS reports received")
+        else:
+            for item in summaries:
+                kinds = ", ".join(f"{count} {kind}" for kind, count in
+                                  sorted(item.by_type.items(), key=lambda kv: -kv[1]))
+                print(f"{item.organization}  {item.mx}: {item.succeeded} succeeded, "
+                      f"{item.failed} failed" + (f" ({kinds})" if kinds else "") +
+                      f"; {item.reports} report(s)")
+        return 0
+    finally:
+        store.close()
 
 
 def _format_reports(day, domains, reports) -> str:
@@ -502,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="show: what each domain's report will say for a day (default today, "
                     "UTC). send: send the reports of a day (default yesterday) to their "
                     "https: destinations now; with --dry-run, print each report as it "
-                    "would go out (the mail, or the JSON to POST).")
+                    "would go out (the mail, or the JSON to POST). import: store reports "
+                    "other senders sent about our domains. received: a summary of them.")
     tlsrpt_actions = tlsrpt.add_subparsers(dest="action", metavar="ACTION", required=True)
     show_reports = tlsrpt_actions.add_parser("show", help="the reports we will send")
     show_reports.add_argument("--domain", metavar="DOMAIN")
@@ -512,6 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
                               help="print what would be sent, send nothing")
     for action in tlsrpt_actions.choices.values():
         action.add_argument("--date", metavar="YYYY-MM-DD", help="the UTC day")
+    imported = tlsrpt_actions.add_parser(
+        "import", help="store TLS reports received about our domains (JSON or gzip)")
+    imported.add_argument("files", metavar="FILE", nargs="+")
+    received = tlsrpt_actions.add_parser(
+        "received", help="the received reports, per reporting organisation and MX")
+    received.add_argument("--since", metavar="YYYY-MM-DD")
+    received.add_argument("--json", action="store_true", help="machine-readable output")
+    for action in tlsrpt_actions.choices.values():
         action.add_argument("-c", "--config-dir", metavar="DIR", help="config directory")
     tlsrpt.set_defaults(func=cmd_tlsrpt)
 

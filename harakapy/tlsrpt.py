@@ -123,6 +123,11 @@ def data_path(config: Config) -> Path:
     return folder / DATA_NAME
 
 
+def received_path(config: Config) -> Path:
+    """Where the reports received about our domains are kept."""
+    return data_path(config).with_name("received.sqlite")
+
+
 class Tlsrpt:
     """The counter and the sender.
 
