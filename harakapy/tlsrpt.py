@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import email
 import email.message
 import email.policy
 import email.utils
@@ -40,6 +41,7 @@ from typing import Any
 from harakapy.clock import Clock
 from harakapy.config import Config
 from harakapy.dkim import DkimSigner
+from harakapy.dkim import verify as dkim_verify
 from harakapy.dns import DnsError, Resolver
 from harakapy.spool.store import QueuedMessage, SpoolError
 from harakapy.tls.policy import Level, Policy
@@ -77,6 +79,7 @@ class TlsrptSettings:
     check_interval: float = 300.0
     retention: int = 2
     https_timeout: float = 60.0
+    mailbox: str = ""  # where reports about our domains arrive (our rua), "" for none
 
     @property
     def submitter(self) -> str:
@@ -96,7 +99,10 @@ class TlsrptSettings:
             max_delay=ini.get_duration("main", "max_delay", 4 * 3600.0),
             flush_interval=ini.get_duration("main", "flush_interval", 5.0),
             check_interval=ini.get_duration("main", "check_interval", 300.0),
-            retention=ini.get_int("main", "retention_days", 2, minimum=1))
+            retention=ini.get_int("main", "retention_days", 2, minimum=1),
+            mailbox=ini.get_str("receive", "mailbox").lower())
+        if settings.mailbox and ("@" not in settings.mailbox or " " in settings.mailbox):
+            raise ini.error("receive", "mailbox", f"{settings.mailbox!r} is not an address")
         if settings.flush_interval <= 0 or settings.check_interval <= 0:
             raise ini.error("main", "flush_interval" if settings.flush_interval <= 0
                             else "check_interval", "must be more than 0 seconds")
@@ -371,6 +377,58 @@ class Tlsrpt:
             await self.send_due()
             await self.clock.sleep(self.settings.check_interval)
 
+    # -- reports about our domains ---------------------------------------------------------
+
+    @staticmethod
+    def received_path(config: Config) -> Path:
+        """Where the reports about our domains are kept (``harakapy tlsrpt received``)."""
+        return received_path(config)
+
+    def for_mailbox(self, recipients: list[str]) -> bool:
+        """Whether a message goes to our report mailbox only."""
+        mailbox = self.settings.mailbox
+        return bool(mailbox) and bool(recipients) and all(
+            r.lower() == mailbox for r in recipients)
+
+    async def receive_mail(self, message: bytes, received: Path) -> str:
+        """Store the report a message carries (RFC 8460 3: only with a valid DKIM
+        signature); what happened, for the log."""
+        loop = asyncio.get_running_loop()
+
+        def txt_for(name: bytes, timeout: int = 5) -> bytes:
+            # dkimpy asks synchronously, from its thread: the resolver runs on the loop.
+            future = asyncio.run_coroutine_threadsafe(
+                self.resolver.txt(name.decode().rstrip(".")), loop)
+            return "".join(future.result(timeout + 5)).encode()
+
+        from harakapy.tls.tlsrpt_received import ReceivedStore, ReportError, parse_report
+
+        if not await asyncio.to_thread(dkim_verify, message, txt_for):
+            return "ignored: no valid DKIM signature (RFC 8460 3)"
+        attachment = _report_part(message)
+        if attachment is None:
+            return "ignored: no application/tlsrpt+gzip or +json part"
+        try:
+            report = parse_report(attachment)
+        except ReportError as exc:
+            return f"ignored: {exc.reason}"
+        store = ReceivedStore(received)
+        try:
+            added = await asyncio.to_thread(store.add, report)
+        finally:
+            store.close()
+        state = "stored" if added else "a duplicate"
+        return f"{state}: {report['organization-name']}, {report['report-id']}"
+
     def close(self) -> None:
         self.sessions.close()
         self.deliveries.close()
+
+
+def _report_part(message: bytes) -> bytes | None:
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    for part in parsed.walk():
+        if part.get_content_type() in ("application/tlsrpt+gzip", "application/tlsrpt+json"):
+            payload = part.get_payload(decode=True)
+            return payload if isinstance(payload, bytes) else None
+    return None

@@ -15,7 +15,7 @@ Settings: config/tlsrpt.ini   Docs: docs/plugins/tlsrpt.md
 
 from __future__ import annotations
 
-from harakapy import Server, Tlsrpt, background, checked_config, hookimpl
+from harakapy import Server, Tlsrpt, background, checked_config, hookimpl, ok
 
 startup, config_reload = checked_config("tlsrpt.checked", Tlsrpt.check_config)
 
@@ -47,6 +47,28 @@ async def flush(server):
 async def send(server):
     """Send the reports that are due (one process of the installation)."""
     await _tlsrpt(server).run_sender()
+
+
+async def _receive(transaction, server):
+    """Reports other senders mail about our domains, to [receive] mailbox: stored, not
+    delivered on."""
+    service = _tlsrpt(server)
+    if not service.for_mailbox([r.address for r in transaction.recipients]):
+        return None
+    what = await service.receive_mail(transaction.message,
+                                      Tlsrpt.received_path(server.config))
+    server.log.info("TLS report from <%s>: %s", transaction.sender.address, what)
+    return ok()
+
+
+@hookimpl
+async def queue(transaction, server):
+    return await _receive(transaction, server)
+
+
+@hookimpl
+async def queue_outbound(transaction, server):
+    return await _receive(transaction, server)
 
 
 @hookimpl

@@ -190,3 +190,46 @@ async def test_the_cli_shows_the_report_and_prints_it_as_it_would_go_out(sts_wor
     assert dry.returncode == 0, dry.stderr
     assert "TLS-Report-Domain: a.test" in dry.stdout and "DKIM-Signature:" in dry.stdout
     assert 'report-type="tlsrpt"' in dry.stdout
+
+
+async def test_a_signed_report_to_our_mailbox_is_stored_and_an_unsigned_one_ignored(
+        sts_world, tmp_path):
+    from harakapy.tls.tlsrpt_received import ReceivedStore
+    from harakapy.tls.tlsrpt_report import compressed
+    from harakapy.tlsrpt import Tlsrpt, received_path
+    from tests.harness import sendmail
+
+    world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@reports.test",
+                                  extra_ini="[receive]\nmailbox = tlsrpt@ours.test\n")
+    config = world.env.hp.root / "config"
+    (config / "host_list").write_text("ours.test\n")
+    plugins = (config / "plugins").read_text()
+    (config / "plugins").write_text("rcpt_to.in_host_list\n" + plugins)
+    assert await world.env.hp.server.reload()
+    # A sender's report about ours.test, signed with the key the test DNS serves.
+    from harakapy.dns import Resolver
+
+    current = world.env.hp.server.config
+    service = Tlsrpt.from_config(current, Resolver.from_config(current), world.env.clock,
+                                 None)
+    report = {"organization-name": "Big Mail", "report-id": "big-1",
+              "date-range": {"start-datetime": "2026-12-02T00:00:00Z",
+                             "end-datetime": "2026-12-02T23:59:59Z"},
+              "contact-info": "tlsrpt@harakapy.test",
+              "policies": [{"policy": {"policy-type": "sts", "policy-domain": "ours.test",
+                                       "mx-host": "mx.ours.test"},
+                            "summary": {"total-successful-session-count": 7,
+                                        "total-failure-session-count": 0}}]}
+    signed = service.mime(report, compressed(report), "ours.test", "tlsrpt@ours.test")
+    unsigned = signed.split(b"\r\n\r\n", 1)
+    unsigned = b"\r\n".join(line for line in unsigned[0].split(b"\r\n")
+                            if not line.startswith((b"DKIM-Signature", b" ", b"\t"))
+                            ) + b"\r\n\r\n" + unsigned[1]
+    await sendmail(world.env.hp.port, "tlsrpt@harakapy.test", ["tlsrpt@ours.test"], signed)
+    await sendmail(world.env.hp.port, "x@harakapy.test", ["tlsrpt@ours.test"],
+                   unsigned.replace(b"big-1", b"forged"))
+    store = ReceivedStore(received_path(world.env.hp.server.config))
+    await eventually(lambda: store.summary())
+    (summary,) = store.summary()
+    assert (summary.organization, summary.mx, summary.succeeded) == (
+        "Big Mail", "mx.ours.test", 7)
