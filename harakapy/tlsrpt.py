@@ -24,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import email
 import email.message
@@ -64,6 +65,7 @@ DATA_NAME = "reports.sqlite"
 STATE_FOLDER = "tlsrpt"
 FIRST_RETRY = 300.0
 RETRY_FOR = 86400.0
+MAX_POSTED = 10 * 1024 * 1024  # what receivers commonly take (../shared/specs/tlsrpt.md)
 
 Submit = Callable[..., Awaitable[QueuedMessage]]
 
@@ -80,6 +82,9 @@ class TlsrptSettings:
     retention: int = 2
     https_timeout: float = 60.0
     mailbox: str = ""  # where reports about our domains arrive (our rua), "" for none
+    listen: tuple[str, int] | None = None  # the HTTPS endpoint for POSTed reports
+    cert: Path | None = None
+    key: Path | None = None
 
     @property
     def submitter(self) -> str:
@@ -103,6 +108,23 @@ class TlsrptSettings:
             mailbox=ini.get_str("receive", "mailbox").lower())
         if settings.mailbox and ("@" not in settings.mailbox or " " in settings.mailbox):
             raise ini.error("receive", "mailbox", f"{settings.mailbox!r} is not an address")
+        address = ini.get_str("receive", "listen")
+        if address:
+            host, sep, port = address.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ini.error("receive", "listen", f"expected host:port, got {address!r}")
+            paths = []
+            for key in ("cert", "key"):
+                if not ini.get_str("receive", key):
+                    raise ini.error("receive", "listen", f"the endpoint needs [receive] {key}")
+                paths.append(config.resolve(ini.get_str("receive", key)))
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*paths)
+            except (OSError, ssl.SSLError) as exc:
+                raise ini.error("receive", "cert", f"cannot load the certificate and key: "
+                                                   f"{exc}") from None
+            settings = dataclasses.replace(settings, listen=(host.strip("[]"), int(port)),
+                                           cert=paths[0], key=paths[1])
         if settings.flush_interval <= 0 or settings.check_interval <= 0:
             raise ini.error("main", "flush_interval" if settings.flush_interval <= 0
                             else "check_interval", "must be more than 0 seconds")
@@ -419,6 +441,45 @@ class Tlsrpt:
             store.close()
         state = "stored" if added else "a duplicate"
         return f"{state}: {report['organization-name']}, {report['report-id']}"
+
+    async def serve(self, received: Path) -> None:
+        """The HTTPS endpoint of ``[receive] listen``, until cancelled; nothing without
+        one. A POSTed report (RFC 8460 5.4, gzip or JSON) is stored and answered 201."""
+        from aiohttp import web
+
+        from harakapy.tls.tlsrpt_received import ReceivedStore, ReportError, parse_report
+
+        if self.settings.listen is None or self.settings.cert is None:
+            return
+        store = ReceivedStore(received)
+
+        async def handle(request: web.Request) -> web.Response:
+            body = await request.content.read(MAX_POSTED + 1)
+            if len(body) > MAX_POSTED:
+                return web.Response(status=413, text="too large\n")
+            try:
+                report = parse_report(body)
+            except ReportError as exc:
+                return web.Response(status=400, text=f"not a TLS report: {exc.reason}\n")
+            added = await asyncio.to_thread(store.add, report)
+            log.info("TLSRPT: a report POSTed by %s: %s", request.remote,
+                     "stored" if added else "a duplicate")
+            return web.Response(status=201 if added else 200, text="thank you\n")
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.settings.cert, self.settings.key)
+        app = web.Application(client_max_size=MAX_POSTED + 1)
+        app.router.add_route("POST", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = self.settings.listen
+        await web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True).start()
+        log.info("TLSRPT: reports received on https://%s:%d/", host, port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+            store.close()
 
     def close(self) -> None:
         self.sessions.close()

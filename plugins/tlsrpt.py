@@ -71,6 +71,12 @@ async def queue_outbound(transaction, server):
     return await _receive(transaction, server)
 
 
+@background
+async def endpoint(server):
+    """The HTTPS endpoint for reports POSTed to us, when [receive] listen says so."""
+    await _tlsrpt(server).serve(Tlsrpt.received_path(server.config))
+
+
 @hookimpl
 async def shutdown(server):
     await _tlsrpt(server).flush()

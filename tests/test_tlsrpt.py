@@ -11,6 +11,7 @@ import email
 import email.policy
 import gzip
 import json
+import ssl
 
 import dkim
 import dns.message
@@ -233,3 +234,46 @@ async def test_a_signed_report_to_our_mailbox_is_stored_and_an_unsigned_one_igno
     (summary,) = store.summary()
     assert (summary.organization, summary.mx, summary.succeeded) == (
         "Big Mail", "mx.ours.test", 7)
+
+
+async def test_a_report_posted_to_our_endpoint_is_stored_once(sts_world, tmp_path):
+    import aiohttp
+
+    from harakapy.tls.tlsrpt_received import ReceivedStore
+    from harakapy.tlsrpt import received_path
+    from tests.processes import free_port
+
+    world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@reports.test")
+    cert, key = world.env.certs.files("endpoint", "tlsrpt.ours.test")
+    port = free_port()
+    ini = world.env.hp.root / "config" / "tlsrpt.ini"
+    ini.write_text(ini.read_text() + f"[receive]\nlisten = 127.0.0.45:{port}\n"
+                   f"cert = {cert}\nkey = {key}\n")
+    assert await world.env.hp.server.reload()
+    body = gzip.compress(json.dumps({
+        "organization-name": "Big Mail", "report-id": "post-1",
+        "policies": [{"policy": {"policy-type": "no-policy-found",
+                                 "policy-domain": "ours.test"},
+                      "summary": {"total-successful-session-count": 3,
+                                  "total-failure-session-count": 0}}]}).encode())
+    context = ssl.create_default_context(
+        cafile=str(world.env.hp.root.parent / "ca.pem"))
+    context.check_hostname = False
+
+    async def post(data: bytes):
+        try:
+            async with aiohttp.ClientSession() as session, session.post(
+                    f"https://127.0.0.45:{port}/tlsrpt", data=data, ssl=context,
+                    headers={"Content-Type": "application/tlsrpt+gzip"}) as response:
+                return response.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    async with asyncio.timeout(10):
+        while (status := await post(body)) is None:
+            await asyncio.sleep(0.05)
+    assert status == 201
+    assert await post(body) == 200  # the same report again: a duplicate
+    assert await post(b"{") == 400
+    (summary,) = ReceivedStore(received_path(world.env.hp.server.config)).summary()
+    assert (summary.organization, summary.succeeded, summary.reports) == ("Big Mail", 3, 1)
