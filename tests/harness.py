@@ -92,6 +92,11 @@ class ManualClock(Clock):
         finally:
             self._sleepers = [(t, f) for t, f in self._sleepers if f is not future]
 
+    def pending(self) -> list[float]:
+        """The deadlines of the sleeps not yet over: a test waits for a task to be
+        asleep before it moves the clock past that task's wake-up."""
+        return [deadline for deadline, future in self._sleepers if not future.done()]
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
         for deadline, future in self._sleepers:
