@@ -287,3 +287,42 @@ async def test_a_report_posted_to_our_endpoint_is_stored_once(sts_world, tmp_pat
     assert await post(b"{") == 400
     (summary,) = ReceivedStore(received_path(world.env.hp.server.config)).summary()
     assert (summary.organization, summary.succeeded, summary.reports) == ("Big Mail", 3, 1)
+
+
+async def test_an_endpoint_that_always_fails_is_given_up_after_24_hours(sts_world,
+                                                                        tmp_path):
+    from harakapy.tls.tlsrpt_report import report_id
+
+    posts: list[int] = []
+
+    async def endpoint(request: web.Request) -> web.Response:
+        posts.append(len(await request.read()))
+        return web.Response(status=500)
+
+    world = await reporting_world(sts_world, tmp_path, "https://reports.test:{port}/tlsrpt")
+    host = await world.env.stack.enter_async_context(PolicyHost(
+        "127.0.0.44", server_context(world.env.certs.ca, "reports.test"), endpoint,
+        method="POST"))
+    world.records["a.test"] = [line.replace("{port}", str(host.port))
+                               for line in world.records["a.test"]]
+    world.records["reports"].append("reports.test. A 127.0.0.44")
+    world.publish_zone()
+    await traffic(world)
+    day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
+    await next_day(world)
+    await eventually(lambda: posts, timeout=15)
+    ident = report_id(day, "a.test", "harakapy.test")
+    rua = f"https://reports.test:{host.port}/tlsrpt"
+    service = world.env.hp.server.config.derive("tlsrpt.service", None)
+    for _ in range(30):  # rounds 6 hours apart, at most: the back-off's cap
+        if service.deliveries.states(ident)[rua][0] == "gave-up":
+            break
+        await sender_asleep(world)
+        await world.env.advance(6 * 3600)
+    assert service.deliveries.states(ident)[rua][0] == "gave-up"
+    tried = len(posts)
+    assert 5 <= tried <= 12  # backed off, not every round
+    await sender_asleep(world)
+    await world.env.advance(6 * 3600)
+    await sender_asleep(world)
+    assert len(posts) == tried  # never again
