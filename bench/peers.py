@@ -366,12 +366,19 @@ class HarakapyPeer(_Child):
     """
 
     verifies = True
+    EXTRAS = ("tlsrpt", "dkim")
 
-    def __init__(self, source: str = "install") -> None:
+    def __init__(self, source: str = "install", extras: tuple[str, ...] = ()) -> None:
+        """:param extras: plugins turned on beyond the shipped ones, for what they cost:
+            ``tlsrpt`` (every TLS session counted), ``dkim`` (every message signed)."""
         super().__init__()
         if source not in ("install", "dev"):
             raise ValueError(f"harakapy source {source!r}: expected install or dev")
-        self.name = "harakapy"
+        unknown = set(extras) - set(self.EXTRAS)
+        if unknown:
+            raise ValueError(f"harakapy extras {sorted(unknown)}: expected {self.EXTRAS}")
+        self.extras = tuple(extras)
+        self.name = "-".join(("harakapy", *extras))
         self.source = source
         self.command: list[str | Path] = [sys.executable, "-m", "harakapy"]
         self.python: str | Path = sys.executable
@@ -386,9 +393,10 @@ class HarakapyPeer(_Child):
                               capture_output=True).returncode
         how = (f"`pip install .` into {Path(self.command[0]).parent.parent.name}"
                if self.source == "install" else f"the development install ({sys.executable})")
-        return (f"harakapy {self._version()}: {how}; event loop "
+        extra = f"; with {' and '.join(self.extras)} on" if self.extras else ""
+        return (f"{self.name} {self._version()}: {how}; event loop "
                 f"{'asyncio (no uvloop)' if loop else 'uvloop'}; shipped config "
-                "but listen, route, certificate")
+                f"but listen, route, certificate{extra}")
 
     def _version(self) -> str:
         return subprocess.run([str(self.python), "-c",
@@ -427,10 +435,30 @@ class HarakapyPeer(_Child):
             f"@hookimpl\ndef get_mx(domain):\n    if domain == \"dead.test\":\n"
             f"        return \"{CLOSED[0]}:{CLOSED[1]}\"\n"
             f"    return \"{route[0]}:{route[1]}\"\n")
+        self._turn_on_extras(home)
         if prepare is not None:
             prepare(home)
         # Logging at its default level (info), as `harakapy run` logs.
         self._launch([*self.command, "run", "-c", home], home, port)
+
+
+    def _turn_on_extras(self, home: Path) -> None:
+        config = home / "config"
+        plugins = (config / "plugins").read_text()
+        if "tlsrpt" in self.extras:
+            # Above the TLS policy plugins, as its docs say; reports go nowhere here (the
+            # sink's domain publishes no _smtp._tls record): what is measured is counting.
+            plugins = "tlsrpt\n" + plugins
+            (config / "tlsrpt.ini").write_text(
+                "[main]\norganization = bench\ncontact = tlsrpt@bench-harakapy.test\n")
+        if "dkim" in self.extras:
+            # The load generator's From: domain, with an RSA-2048 key as keygen makes.
+            _run(*self.command, "dkim", "keygen", "load.test", "bench", "-c", home,
+                 stdout=subprocess.DEVNULL)
+            (config / "dkim_sign.ini").write_text(
+                "[sign load.test bench]\nkey = dkim/load.test.bench.key\n")
+            plugins += "\ndkim_sign\n"
+        (config / "plugins").write_text(plugins)
 
 
 class HarakaPeer(_Child):
@@ -605,6 +633,8 @@ def stop_system_postfix() -> None:
 
 PEERS: dict[str, Callable[[], Peer]] = {
     "harakapy": HarakapyPeer,
+    "harakapy-tlsrpt": lambda: HarakapyPeer(extras=("tlsrpt",)),
+    "harakapy-dkim": lambda: HarakapyPeer(extras=("dkim",)),
     "haraka": HarakaPeer,
     "haraka-cpus": lambda: HarakaPeer(nodes="cpus"),
     "postfix": PostfixPeer,

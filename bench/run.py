@@ -392,7 +392,11 @@ def main(argv: list[str] | None = None) -> Path:
     notes: list[str] = []
     peers = {}
     for name in names:
-        peer = HarakapyPeer(args.harakapy) if name == "harakapy" else PEERS[name]()
+        if name.startswith("harakapy"):
+            extras = tuple(name.split("-")[1:])
+            peer = HarakapyPeer(args.harakapy, extras)
+        else:
+            peer = PEERS[name]()
         try:
             peer.install()
             notes.append(f"- {peer.describe()}")
