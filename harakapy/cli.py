@@ -322,29 +322,32 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
                     return json.dumps(reports, indent=1), 0
                 return _format_reports(wanted, domains, reports), 0
             lines, failed = [], False
+            if not args.dry_run and wanted >= utc_day(clock.time()):
+                return (f"harakapy: {wanted.isoformat()} is not over (UTC): its reports "
+                        f"would be partial; --dry-run shows them", 2)
+            if not args.dry_run:
+                for domain in domains:
+                    # The delivery log, as the server's round keeps it: what an endpoint
+                    # accepted is not sent again; mailto: waits for the server's queue.
+                    for outcome in await service.send(wanted, domain, schemes=("https",)):
+                        failed = failed or outcome.state != "sent"
+                        lines.append(f"{domain}: {outcome.rua}: {outcome.state}"
+                                     + (f" ({outcome.error})" if outcome.error else ""))
+                return "\n".join(lines) or "nothing to send now (sent already, not due "\
+                    "for a retry, or mailto: only)", int(failed)
             for domain, report in zip(domains, reports, strict=True):
                 record = await service.discover(domain)
                 if record is None or not record.rua:
                     lines.append(f"{domain}: asks for no reports (no usable _smtp._tls)")
                     continue
                 for rua in record.rua:
-                    if args.dry_run:
-                        if rua.scheme == "mailto":
-                            lines.append(service.mime(report, compressed(report), domain,
-                                                      rua.target).decode("ascii",
-                                                                         "replace"))
-                        else:
-                            lines.append(f"POST {rua} (application/tlsrpt+gzip):")
-                            lines.append(json.dumps(report, indent=1))
-                        continue
                     if rua.scheme == "mailto":
-                        lines.append(f"{domain}: {rua}: sent by the running server's "
-                                     f"round (every check_interval), after the day")
-                        continue
-                    error = await service.post(rua.target, compressed(report))
-                    failed = failed or bool(error)
-                    lines.append(f"{domain}: {rua}: {error or 'accepted'}")
-            return "\n".join(lines) or f"no sessions on {wanted.isoformat()}", int(failed)
+                        lines.append(service.mime(report, compressed(report), domain,
+                                                  rua.target).decode("ascii", "replace"))
+                    else:
+                        lines.append(f"POST {rua} (application/tlsrpt+gzip):")
+                        lines.append(json.dumps(report, indent=1))
+            return "\n".join(lines) or f"no sessions on {wanted.isoformat()}", 0
         finally:
             service.close()
 
@@ -354,7 +357,7 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
         return _fail(f"config error: {exc}", 2)
     except DnsError as exc:
         return _fail(f"a _smtp._tls record could not be read: {exc.reason}", 1)
-    print(text)
+    print(text, file=sys.stderr if code == 2 else sys.stdout)
     return code
 
 
@@ -550,10 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     tlsrpt = commands.add_parser(
         "tlsrpt", help="the TLS reports (RFC 8460) harakapy sends",
         description="show: what each domain's report will say for a day (default today, "
-                    "UTC). send: send the reports of a day (default yesterday) to their "
-                    "https: destinations now; with --dry-run, print each report as it "
-                    "would go out (the mail, or the JSON to POST). import: store reports "
-                    "other senders sent about our domains. received: a summary of them.")
+                    "UTC). send: send a finished day's reports (default yesterday) to "
+                    "their https: destinations now, as the server's round would, once "
+                    "each; with --dry-run, print each report as it would go out (the "
+                    "mail, or the JSON to POST). import: store reports other senders "
+                    "sent about our domains. received: a summary of them.")
     tlsrpt_actions = tlsrpt.add_subparsers(dest="action", metavar="ACTION", required=True)
     show_reports = tlsrpt_actions.add_parser("show", help="the reports we will send")
     show_reports.add_argument("--domain", metavar="DOMAIN")

@@ -86,8 +86,9 @@ class DkimSigner:
         if not keys:
             return message
         present = _header_names(message)
-        wanted = [h.encode() for h in self.headers if h.lower() in present]
-        wanted.append(b"From")  # rule 2: a second From can never be added unnoticed
+        wanted = [h.encode() for h in self.headers
+                  if h.lower() in present and h.lower() != "from"]
+        wanted += [b"From", b"From"]  # rule 2: a second From can never be added unnoticed
         signatures = b""
         for key in keys:
             signatures += dkim.sign(
@@ -158,10 +159,24 @@ def from_domain(message: bytes) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
-def verify(message: bytes, txt_for: object) -> bool:
-    """Whether ``message`` carries a valid DKIM signature (the first one), with
-    ``txt_for(name: bytes) -> bytes`` giving the key records: for received reports."""
-    return bool(dkim.verify(message, dnsfunc=txt_for))
+def verified_domains(message: bytes, txt_for: object, *, tlsrpt: bool = False) -> list[str]:
+    """The ``d=`` domains of the message's valid DKIM signatures, with
+    ``txt_for(name: bytes) -> bytes`` giving the key records.
+
+    :param tlsrpt: Keys restricted to TLS reports (``s=tlsrpt``, RFC 8460 3) count too.
+    """
+    checker = dkim.DKIM(message, tlsrpt=tlsrpt)
+    head = message.split(b"\r\n\r\n", 1)[0]
+    count = sum(1 for line in head.split(b"\r\n")
+                if line[:15].lower() == b"dkim-signature:")
+    found = []
+    for index in range(count):
+        try:
+            if checker.verify(idx=index, dnsfunc=txt_for):
+                found.append(checker.domain.decode().lower())
+        except dkim.DKIMException:
+            continue
+    return found
 
 
 def generate(algorithm: str = "rsa", *, bits: int = 2048) -> tuple[bytes, str]:

@@ -32,6 +32,8 @@ import email.policy
 import email.utils
 import hashlib
 import logging
+import secrets
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -41,8 +43,7 @@ from typing import Any
 
 from harakapy.clock import Clock
 from harakapy.config import Config
-from harakapy.dkim import DkimSigner
-from harakapy.dkim import verify as dkim_verify
+from harakapy.dkim import DkimSigner, verified_domains
 from harakapy.dns import DnsError, Resolver
 from harakapy.spool.store import QueuedMessage, SpoolError
 from harakapy.tls.policy import Level, Policy
@@ -94,7 +95,7 @@ class TlsrptSettings:
     def from_config(cls, config: Config) -> TlsrptSettings:
         ini = config.ini("tlsrpt.ini")
         ini.check_known(config.shipped_ini("tlsrpt.ini"))
-        me = (config.value("me") or "").strip() or "localhost"
+        me = (config.value("me") or "").strip() or socket.getfqdn()
         contact = ini.get_str("main", "contact") or f"tlsrpt-noreply@{me}"
         if "@" not in contact or any(c in contact for c in " \t\r\n<>"):
             raise ini.error("main", "contact", f"{contact!r} is not a mail address")
@@ -284,15 +285,21 @@ class Tlsrpt:
             f"{day.isoformat()} (UTC), from {self.settings.organization}.\n")
         message.add_attachment(body, maintype="application", subtype="tlsrpt+gzip",
                                filename=file_name(submitter, domain, day))
+        boundary = f"tlsrpt-{secrets.token_hex(16)}"
         message.replace_header("Content-Type", "multipart/report; report-type=\"tlsrpt\"; "
-                               f"boundary=\"{message.get_boundary()}\"")
+                               f"boundary=\"{boundary}\"")
         raw = message.as_bytes()
         if self.signer is not None:
             raw = self.signer.sign(raw, domain=submitter)
         return raw
 
-    async def send(self, day: datetime.date, domain: str) -> list[Outcome]:
-        """Rules 3 and 4 for one domain and day: every destination not yet done."""
+    async def send(self, day: datetime.date, domain: str, *,
+                   schemes: tuple[str, ...] = ("mailto", "https")) -> list[Outcome]:
+        """Rules 3 and 4 for one domain and day: every destination not yet done.
+
+        :param schemes: The destinations to try now (a command without the queue sends
+            to ``https`` ones only; the others keep their state for the server).
+        """
         record = await self.discover(domain)
         ident = report_id(day, domain, self.settings.submitter)
         now = self.clock.time()
@@ -307,7 +314,7 @@ class Tlsrpt:
         outcomes = []
         for rua in record.rua:
             state, attempts, first_try, next_try, _error = states[str(rua)]
-            if state != DeliveryLog.PENDING or next_try > now:
+            if state != DeliveryLog.PENDING or next_try > now or rua.scheme not in schemes:
                 continue
             error = await (self._mail(report, body, domain, rua.target, ident)
                            if rua.scheme == "mailto" else self.post(rua.target, body))
@@ -425,8 +432,12 @@ class Tlsrpt:
 
         from harakapy.tls.tlsrpt_received import ReceivedStore, ReportError, parse_report
 
-        if not await asyncio.to_thread(dkim_verify, message, txt_for):
-            return "ignored: no valid DKIM signature (RFC 8460 3)"
+        signers = await asyncio.to_thread(verified_domains, message, txt_for, tlsrpt=True)
+        submitter = _header(message, "TLS-Report-Submitter").lower().rstrip(".")
+        if not any(submitter == d or submitter.endswith("." + d) for d in signers):
+            return (f"ignored: no valid DKIM signature of the submitter "
+                    f"{submitter or '(no TLS-Report-Submitter)'} (RFC 8460 3; signed by: "
+                    f"{', '.join(signers) or 'nobody'})")
         attachment = _report_part(message)
         if attachment is None:
             return "ignored: no application/tlsrpt+gzip or +json part"
@@ -481,9 +492,26 @@ class Tlsrpt:
             await runner.cleanup()
             store.close()
 
+    def retire(self) -> None:
+        """A reload replaced this service: write what it counted, then close, in the
+        background (the caller is a hook that must not wait)."""
+        async def finish() -> None:
+            try:
+                await self.flush()
+            finally:
+                self.close()
+
+        self._retiring = asyncio.get_running_loop().create_task(finish())
+
     def close(self) -> None:
         self.sessions.close()
         self.deliveries.close()
+
+
+def _header(message: bytes, name: str) -> str:
+    parsed = email.message_from_bytes(message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n",
+                                      policy=email.policy.compat32)
+    return str(parsed.get(name, "")).strip()
 
 
 def _report_part(message: bytes) -> bytes | None:

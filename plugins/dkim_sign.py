@@ -2,8 +2,8 @@
 
 Mail from a client that may relay (config/relay_acl_allow, or authenticated) is signed
 once, at the end of data, before it enters the outbound queue: a DKIM-Signature for
-each key config/dkim_sign.ini lists for the domain of its From: header. Mail for other
-domains, and mail received for local delivery, is left as it is.
+each key config/dkim_sign.ini lists for the domain of its From: header. Mail from other
+networks (not relaying), and mail from domains without keys, is left as it is.
 
     harakapy dkim keygen example.org s2026 -c DIR
 

@@ -20,9 +20,17 @@ from harakapy import Server, Tlsrpt, background, checked_config, hookimpl, ok
 startup, config_reload = checked_config("tlsrpt.checked", Tlsrpt.check_config)
 
 
+_current: list[Tlsrpt] = []  # the newest service: a reload's new one takes over
+
+
 def _tlsrpt(server: Server) -> Tlsrpt:
-    return server.config.derive("tlsrpt.service", lambda config: Tlsrpt.from_config(
+    service = server.config.derive("tlsrpt.service", lambda config: Tlsrpt.from_config(
         config, server.dns, server.clock, server.submit))
+    if not _current or _current[0] is not service:
+        for old in _current:
+            old.retire()  # what it counted is not lost with the old config
+        _current[:] = [service]
+    return service
 
 
 @hookimpl

@@ -47,7 +47,7 @@ def txt_lookup(port: int):
 def signatures(message: bytes) -> list[dict[bytes, bytes]]:
     head = message.split(b"\r\n\r\n", 1)[0]
     found = []
-    for match in re.finditer(rb"^DKIM-Signature:(.*(?:\r\n[ \t].*)*)", head, re.M | re.I):
+    for match in re.finditer(rb"^DKIM-Signature:(.*(?:\r?\n[ \t].*)*)", head, re.M | re.I):
         value = re.sub(rb"\s+", b"", match.group(1))
         found.append(dict(part.split(b"=", 1) for part in value.split(b";") if b"=" in part))
     return found
@@ -83,6 +83,7 @@ async def test_relayed_mail_is_signed_with_rsa_and_ed25519_and_verifies(signing_
     assert [s[b"a"] for s in found] == [b"rsa-sha256", b"ed25519-sha256"]
     assert all(s[b"d"] == b"sender.test" and b"l" not in s for s in found)
     assert all(s[b"c"] == b"relaxed/relaxed" for s in found)
+    assert all(s[b"h"].lower().count(b"from") == 2 for s in found)
     verifier = dkim.DKIM(message)
     lookup = txt_lookup(env.dns.port)  # in a thread: the DNS server runs on this loop
     for index in (0, 1):

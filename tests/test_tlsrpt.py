@@ -101,6 +101,7 @@ async def test_the_days_report_is_mailed_dkim_signed_and_matches_the_sessions(
     message = email.message_from_bytes(received.data, policy=email.policy.default)
     assert message.get_content_type() == "multipart/report"
     assert message.get_param("report-type") == "tlsrpt"
+    assert message.get_boundary().startswith("tlsrpt-")
     assert message["TLS-Report-Domain"] == "a.test"
     assert message["TLS-Report-Submitter"] == "harakapy.test"
     assert message["TLS-Required"] == "No"
@@ -154,6 +155,10 @@ async def test_the_report_is_posted_and_a_failing_endpoint_is_tried_again_once_m
     await eventually(lambda: len(posts) == 2, timeout=15)
     service = world.env.hp.server.config.derive("tlsrpt.service", None)
     assert not await service.send_due()  # accepted once: nothing is due again
+    assert len(posts) == 2
+    # What `harakapy tlsrpt send` does: the same log, so not again either.
+    day = datetime.datetime.fromtimestamp(world.env.clock.now - DAY, datetime.UTC).date()
+    assert await service.send(day, "a.test", schemes=("https",)) == []
     assert len(posts) == 2
     content_type, body = posts[1]
     assert content_type == "application/tlsrpt+gzip"
@@ -236,9 +241,20 @@ async def test_a_signed_report_to_our_mailbox_is_stored_and_an_unsigned_one_igno
     unsigned = b"\r\n".join(line for line in unsigned[0].split(b"\r\n")
                             if not line.startswith((b"DKIM-Signature", b" ", b"\t"))
                             ) + b"\r\n\r\n" + unsigned[1]
+    # Signed, but by a domain that is not the submitter it names: ignored too.
+    from dataclasses import replace as change
+
+    pretender = Tlsrpt.from_config(current, Resolver.from_config(current), world.env.clock,
+                                   None)
+    pretender.settings = change(pretender.settings, contact="tlsrpt@other.example")
+    pretender.signer = None
+    claimed = service.signer.sign(pretender.mime(
+        {**report, "report-id": "claimed"}, compressed(report), "ours.test",
+        "tlsrpt@ours.test"), domain="harakapy.test")
     await sendmail(world.env.hp.port, "tlsrpt@harakapy.test", ["tlsrpt@ours.test"], signed)
     await sendmail(world.env.hp.port, "x@harakapy.test", ["tlsrpt@ours.test"],
                    unsigned.replace(b"big-1", b"forged"))
+    await sendmail(world.env.hp.port, "x@harakapy.test", ["tlsrpt@ours.test"], claimed)
     store = ReceivedStore(received_path(world.env.hp.server.config))
     await eventually(lambda: store.summary())
     (summary,) = store.summary()
@@ -326,3 +342,12 @@ async def test_an_endpoint_that_always_fails_is_given_up_after_24_hours(sts_worl
     await world.env.advance(6 * 3600)
     await sender_asleep(world)
     assert len(posts) == tried  # never again
+
+
+def test_the_command_sends_no_report_of_a_day_that_is_not_over(config_dir):
+    from tests.processes import harakapy
+
+    root = config_dir({"me": "harakapy.test\n"})
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    done = harakapy("tlsrpt", "send", "--date", today, "-c", str(root))
+    assert done.returncode == 2 and "is not over" in done.stderr

@@ -94,7 +94,7 @@ class Summary:
 
     organization: str
     mx: str
-    reports: int = 0
+    reports: int = 0  # distinct reports that spoke of this MX
     succeeded: int = 0
     failed: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
@@ -134,6 +134,7 @@ class ReceivedStore:
             rows = db.execute("SELECT report FROM received WHERE start >= ?",
                               (since,)).fetchall()
         found: dict[tuple[str, str], Summary] = {}
+        counted: dict[tuple[str, str], set[str]] = {}
         for (text,) in rows:
             report = json.loads(text)
             organization = str(report["organization-name"])
@@ -142,7 +143,10 @@ class ReceivedStore:
                 hosts = policy.get("mx-host") or [policy.get("policy-domain", "-")]
                 mx = ",".join(str(h) for h in hosts)
                 item = found.setdefault((organization, mx), Summary(organization, mx))
-                item.reports += 1
+                seen = counted.setdefault((organization, mx), set())
+                if report["report-id"] not in seen:
+                    seen.add(report["report-id"])
+                    item.reports += 1
                 item.succeeded += entry["summary"]["total-successful-session-count"]
                 item.failed += entry["summary"]["total-failure-session-count"]
                 for detail in entry["failure-details"]:
