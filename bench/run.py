@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> Path:
     for name in names:
         if name.startswith("harakapy"):
             extras = tuple(name.split("-")[1:])
-            peer = HarakapyPeer(args.harakapy, extras)
+            peer = HarakapyPeer(args.harakapy, extras) if extras else \
+                HarakapyPeer(args.harakapy)
         else:
             peer = PEERS[name]()
         try:
