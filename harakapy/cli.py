@@ -310,7 +310,8 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
     async def main() -> tuple[str, int]:
         config = Config.load(Path(args.config_dir) if args.config_dir else None)
         clock = Clock()
-        service = Tlsrpt.from_config(config, Resolver.from_config(config), clock, None)
+        service = Tlsrpt.from_config(config, Resolver.from_config(config), clock,
+                                     _spool_submit(config, clock))
         try:
             wanted = day or (utc_day(clock.time()) if args.action == "show" else
                              utc_day(clock.time()) - datetime.timedelta(days=1))
@@ -328,13 +329,13 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
             if not args.dry_run:
                 for domain in domains:
                     # The delivery log, as the server's round keeps it: what an endpoint
-                    # accepted is not sent again; mailto: waits for the server's queue.
-                    for outcome in await service.send(wanted, domain, schemes=("https",)):
+                    # accepted (or the spool took) is not sent again.
+                    for outcome in await service.send(wanted, domain):
                         failed = failed or outcome.state != "sent"
                         lines.append(f"{domain}: {outcome.rua}: {outcome.state}"
                                      + (f" ({outcome.error})" if outcome.error else ""))
-                return "\n".join(lines) or "nothing to send now (sent already, not due "\
-                    "for a retry, or mailto: only)", int(failed)
+                return "\n".join(lines) or "nothing to send now (sent already, or not "\
+                    "due for a retry)", int(failed)
             for domain, report in zip(domains, reports, strict=True):
                 record = await service.discover(domain)
                 if record is None or not record.rua:
@@ -407,6 +408,27 @@ def _tlsrpt_received(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _spool_submit(config: Any, clock: Any):
+    """``server.submit`` for a command: the message goes into the spool, durably, and a
+    running server is asked to deliver it now; without one, it goes at the next start."""
+    from harakapy.outbound import control
+    from harakapy.spool.store import Spool
+
+    async def submit(sender: str, recipients: list[str], message: bytes, *,
+                     id: str | None = None) -> Any:
+        if id is None:
+            raise ValueError("a command's message needs an id of its own")
+        spool = Spool(config.queue_dir())
+        spool.create()
+        queued = await asyncio.to_thread(spool.accept, id=id, sender=sender,
+                                         recipients=recipients, message=message,
+                                         arrival=clock.time())
+        await asyncio.to_thread(control.request, spool.root, {"cmd": "adopt", "id": id})
+        return queued
+
+    return submit
 
 
 def _format_reports(day, domains, reports) -> str:

@@ -23,10 +23,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
 from harakapy.config import Config, ConfigError, IniFile
+
+
+def _openssl_rsa_sign(digest: object, private_key: dict[str, int]) -> bytes:
+    """RSASSA-PKCS1-v1_5 (RFC 8017) of a hash object, by OpenSSL through cryptography.
+
+    dkimpy signs RSA in pure Python: 7 ms a message measured here, against a quarter of
+    a millisecond for Ed25519, which made signing the cost of relaying. PKCS#1 v1.5 is
+    deterministic, so the bytes are the same as dkimpy's own (tested); everything else
+    (canonicalization, the header) stays dkimpy's.
+    """
+    key = _RSA_KEYS.get(private_key["modulus"])
+    if key is None:
+        public = rsa.RSAPublicNumbers(private_key["publicExponent"], private_key["modulus"])
+        key = rsa.RSAPrivateNumbers(
+            p=private_key["prime1"], q=private_key["prime2"],
+            d=private_key["privateExponent"], dmp1=private_key["exponent1"],
+            dmq1=private_key["exponent2"], iqmp=private_key["coefficient"],
+            public_numbers=public).private_key()
+        _RSA_KEYS[private_key["modulus"]] = key
+    algorithm = _HASHES[digest.name]()  # type: ignore[attr-defined]
+    return key.sign(digest.digest(), padding.PKCS1v15(),  # type: ignore[attr-defined]
+                    utils.Prehashed(algorithm))
+
+
+_RSA_KEYS: dict[int, rsa.RSAPrivateKey] = {}
+_HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+DKIMPY_RSA_SIGN = dkim.RSASSA_PKCS1_v1_5_sign
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
 
 DEFAULT_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To",
                    "In-Reply-To", "References", "MIME-Version", "Content-Type",

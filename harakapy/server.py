@@ -256,6 +256,9 @@ class MailServer:
             return {"ok": self.outbound.delete(message_id)}
         if command == "stats":
             return {"ok": True, **self.outbound.stats()}
+        if command == "adopt" and isinstance(message_id, str):
+            check_id(message_id)
+            return {"ok": True, "count": int(self.outbound.adopt(message_id))}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

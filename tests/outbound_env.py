@@ -160,6 +160,8 @@ class EnvFactory:
     :param body: What ``Env.send`` sends unless told otherwise.
     :param port: The receiving servers' port, chosen beforehand (``free_port_on_all``)
         when the zone must name it (TLSA owners).
+    :param clock_start: Where the test's clock starts (default: a fixed time in 2027);
+        a test whose commands use the real clock starts it in the past.
     """
 
     def __init__(self, stack: AsyncExitStack, config_dir: Callable[..., Path],
@@ -177,7 +179,7 @@ class EnvFactory:
                        plugins: str = "relay\n", plugin_files: dict[str, str] | None = None,
                        outbound_ini: str = OUTBOUND_INI, servfail: Iterable[str] = (),
                        hosts: tuple[int, ...] = (3, 4, 5), body: bytes = DEFAULT_BODY,
-                       port: int | None = None) -> Env:
+                       port: int | None = None, clock_start: float | None = None) -> Env:
         dns = await DnsServer(zone).start()
         self.stack.callback(dns.close)
         dns.servfail.update(servfail)
@@ -189,7 +191,7 @@ class EnvFactory:
             "outbound.ini": f"[main]\nport = {port}\n{outbound_ini}",
             **(files or {}),
         }, plugin_files)
-        clock = ManualClock()
+        clock = ManualClock() if clock_start is None else ManualClock(clock_start)
         hp = await self.stack.enter_async_context(running_server(root, clock=clock))
         return Env(hp, dns, clock, port, self.stack, self.certs, body)
 

@@ -122,3 +122,25 @@ def test_a_key_that_does_not_load_is_named_by_file_and_line(config_dir):
     assert done.returncode == 2
     assert "dkim_sign.ini:2:" in done.stderr and "missing.key" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_rsa_signatures_by_openssl_are_the_bytes_dkimpy_itself_makes(tmp_path):
+    # PKCS#1 v1.5 is deterministic: the faster signer must give the very same signature.
+    from harakapy import dkim as signing
+
+    content, _ = signing.generate("rsa")
+    path = tmp_path / "k.key"
+    path.write_bytes(content)
+    key = signing.load_key(path, "sender.test", "s1")
+    message = BODY
+    fast = dkim.sign(message, b"s1", b"sender.test", key.private,
+                     include_headers=[b"From", b"To"])
+    plain = dkim.crypto.RSASSA_PKCS1_v1_5_sign  # dkimpy's own, still in its module
+    dkim.RSASSA_PKCS1_v1_5_sign, fast_sign = plain, dkim.RSASSA_PKCS1_v1_5_sign
+    try:
+        slow = dkim.sign(message, b"s1", b"sender.test", key.private,
+                         include_headers=[b"From", b"To"])
+    finally:
+        dkim.RSASSA_PKCS1_v1_5_sign = fast_sign
+    assert fast_sign is not plain
+    assert re.sub(rb"t=\d+;", b"", fast) == re.sub(rb"t=\d+;", b"", slow)

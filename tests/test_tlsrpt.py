@@ -28,11 +28,13 @@ from tests.test_tlsrpt_report import SCHEMA
 DAY = 86400.0
 
 
-async def reporting_world(sts_world, tmp_path, rua: str, extra_ini: str = ""):
+async def reporting_world(sts_world, tmp_path, rua: str, extra_ini: str = "",
+                          clock_start: float | None = None):
     seed, key_part = harakapy_dkim.generate("ed25519")
     key = tmp_path / "tlsrpt.key"
     key.write_bytes(seed)
-    world = await sts_world(plugins="relay\ntlsrpt\nmta_sts\nrecorder\n")
+    world = await sts_world(plugins="relay\ntlsrpt\nmta_sts\nrecorder\n",
+                            clock_start=clock_start)
     config = world.env.hp.root / "config"
     (config / "dkim_sign.ini").write_text(f"[sign harakapy.test s1]\nkey = {key}\n")
     (config / "tlsrpt.ini").write_text(
@@ -351,3 +353,28 @@ def test_the_command_sends_no_report_of_a_day_that_is_not_over(config_dir):
     today = datetime.datetime.now(datetime.UTC).date().isoformat()
     done = harakapy("tlsrpt", "send", "--date", today, "-c", str(root))
     assert done.returncode == 2 and "is not over" in done.stderr
+
+
+async def test_the_command_sends_a_finished_days_mail_report_through_the_server(
+        sts_world, tmp_path):
+    import time
+
+    from tests.processes import harakapy
+
+    # The command goes by the real clock: these sessions happened two days ago.
+    world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@reports.test",
+                                  clock_start=time.time() - 2 * DAY)
+    inbox = await world.mx(REAL_IP, tls_context=self_signed_context("mx.reports.test"))
+    await traffic(world)
+    await world.env.hp.server.config.derive("tlsrpt.service", None).flush()
+    day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
+    root = str(world.env.hp.root)
+    done = await asyncio.to_thread(harakapy, "tlsrpt", "send", "--date", day.isoformat(),
+                                   "-c", root)
+    assert done.returncode == 0, done.stderr
+    assert "a.test: mailto:tlsrpt@reports.test: sent" in done.stdout
+    await eventually(lambda: inbox.messages, timeout=15)  # the running server took it
+    assert b"TLS-Report-Domain: a.test" in inbox.messages[0].data
+    again = await asyncio.to_thread(harakapy, "tlsrpt", "send", "--date", day.isoformat(),
+                                    "-c", root)
+    assert "nothing to send now" in again.stdout and len(inbox.messages) == 1

@@ -183,6 +183,26 @@ class OutboundQueue:
                 self._schedule(message_id, domain, message.next_attempt.get(domain, 0.0))
         return count
 
+    def adopt(self, message_id: str) -> bool:
+        """Start delivering a message a command wrote into the spool while this worker
+        runs (``harakapy tlsrpt send``); whether this worker took it (another worker's
+        slot, or one it has already, is not taken)."""
+        if message_id in self._open_domains:
+            return False
+        try:
+            if self.spool.slot_of(message_id) % self.slots != self.slot:
+                return False
+            message = self.spool.load(message_id)
+        except SpoolError:
+            return False
+        domains = message.domains()
+        if not domains:
+            return False
+        self._open_domains[message_id] = set(domains)
+        for domain in domains:
+            self._schedule(message_id, domain, 0.0)
+        return True
+
     async def stop(self, grace: float = 0.0) -> None:
         """Start nothing new; let deliveries in flight finish within ``grace`` seconds,
         then cut them off (their recipients stay queued: at worst a re-send)."""
