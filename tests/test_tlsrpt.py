@@ -378,3 +378,31 @@ async def test_the_command_sends_a_finished_days_mail_report_through_the_server(
     again = await asyncio.to_thread(harakapy, "tlsrpt", "send", "--date", day.isoformat(),
                                     "-c", root)
     assert "nothing to send now" in again.stdout and len(inbox.messages) == 1
+
+
+async def test_a_domain_without_a_policy_gets_its_report_under_no_policy_found(
+        sts_world, tmp_path):
+    world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@reports.test")
+    inbox = await world.mx(REAL_IP, tls_context=self_signed_context("mx.reports.test"))
+    world.domain("b.test", mx=((10, "mx.b.test", MX2_IP),), txt=None)
+    world.records["b.test"].append(
+        '_smtp._tls.b.test. TXT "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"')
+    world.publish_zone()
+    mx = await world.mx(MX2_IP, tls_context=self_signed_context("mx.b.test"))
+    await world.env.send("carol@b.test")
+    await eventually(lambda: mx.messages)
+    await next_day(world)
+    await eventually(lambda: any(b"TLS-Report-Domain: b.test" in m.data
+                                 for m in inbox.messages), timeout=15)
+    (received,) = [m for m in inbox.messages if b"TLS-Report-Domain: b.test" in m.data]
+    message = email.message_from_bytes(received.data, policy=email.policy.default)
+    (part,) = [p for p in message.iter_attachments()
+               if p.get_content_type() == "application/tlsrpt+gzip"]
+    report = json.loads(gzip.decompress(part.get_content()))
+    import jsonschema
+
+    jsonschema.validate(report, SCHEMA)
+    (entry,) = report["policies"]
+    assert entry["policy"] == {"policy-type": "no-policy-found", "policy-domain": "b.test"}
+    assert entry["summary"] == {"total-successful-session-count": 1,
+                                "total-failure-session-count": 0}
