@@ -152,6 +152,19 @@ class Dane:
 
     # -- the authority ----------------------------------------------------------------------------
 
+    async def destination_failure(self, domain: str) -> Failure | None:
+        """Why mandatory DANE (``dane-only``) cannot trust ``domain``'s MX hosts: its MX
+        RRset is not secure, or its state is not known; ``None`` when it is secure."""
+        try:
+            mx = await self.resolver.validated(domain, "MX")
+        except DnsError as exc:
+            return Failure(ResultType.DNSSEC_INVALID, exc.reason, "mx-lookup-failed")
+        if not mx.secure:
+            return Failure(ResultType.DANE_REQUIRED,
+                           f"the MX records of {domain} are not DNSSEC-signed",
+                           "insecure-mx")
+        return None
+
     async def lookup(self, hostname: str, port: int) -> TlsaLookup:
         """Rules 2 and 3 for one MX host."""
         found = await self.host_lookup(hostname, port)

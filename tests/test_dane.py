@@ -397,3 +397,21 @@ async def test_insecure_mx_dane_honours_secure_tlsa_of_the_mx_hosts(dane_world, 
     await eventually(lambda: world.env.captured("deferred"))
     assert mx.messages == []
     assert world.env.failures()[0].result_type == "certificate-not-trusted"
+
+
+async def test_dane_only_refuses_mx_records_dnssec_does_not_sign(dane_world, tmp_path):
+    # A forged (unsigned) MX names a host in a signed zone whose TLSA records are the
+    # forger's own: at dane-only that must not pass.
+    cert = self_signed(tmp_path, "mx.a.test")
+    world = await dane_world(
+        lambda port: (f"mx.a.test. A {MX_IP}\n{tlsa_name('mx.a.test', port)} TLSA "
+                      f"{tlsa_text(3, 1, 1, cert.der)}\n"),
+        insecure={"plain.test": "plain.test. MX 10 mx.a.test.\n"},
+        plugins="relay\ntls_require\ndane\nrecorder\n")
+    (world.env.hp.root / "config" / "tls_policy").write_text("plain.test dane-only\n")
+    assert await world.env.hp.server.reload()
+    mx = await world.mx(MX_IP, cert)
+    await world.env.send("bob@plain.test")
+    await eventually(lambda: world.env.captured("deferred"))
+    (reason,) = world.env.captured("deferred")
+    assert "not DNSSEC-signed" in reason and mx.connections == 0

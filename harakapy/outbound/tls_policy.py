@@ -79,6 +79,13 @@ async def find_policy(hooks: HookCaller, config: Config, domain: str, hosts: lis
                                     f"lookup() and verify())")
         if authority is not None:
             policy = replace(policy, dane=authority)
+    if policy.level is Level.DANE_ONLY and policy.dane is not None and not routed:
+        # Mandatory DANE trusts the MX names only when DNSSEC signs them: a forged MX
+        # could otherwise name a host in the forger's own signed zone, TLSA and all.
+        check = getattr(policy.dane, "destination_failure", None)
+        failure = await check(domain) if check is not None else None
+        if failure is not None:
+            raise PolicyLookupError(f"DANE is required for {domain}, but {failure.reason}")
     return policy
 
 
