@@ -398,6 +398,8 @@ class Tlsrpt:
                          "trying again later", domain, exc.reason)
         cutoff = utc_day(self.clock.time()) - datetime.timedelta(days=self.settings.retention)
         await asyncio.to_thread(self.sessions.forget, cutoff)
+        # A day past retention has no counts left to send again: its log can go too.
+        await asyncio.to_thread(self.deliveries.forget, cutoff)
         return outcomes
 
     async def run_sender(self) -> None:

@@ -8,7 +8,7 @@ import multiprocessing
 from pathlib import Path
 
 from harakapy.tls.tlsrpt_report import DetailKey, PolicyKey, SessionKey
-from harakapy.tls.tlsrpt_store import SessionStore
+from harakapy.tls.tlsrpt_store import DeliveryLog, SessionStore
 
 DAY = datetime.date(2026, 12, 2)
 STS = PolicyKey("sts", "example.com", ("version: STSv1", "mode: enforce"), ("mx.example.com",))
@@ -60,3 +60,12 @@ def test_old_days_are_forgotten(tmp_path):
                SessionKey(DAY, "example.com", STS, None): 1})
     assert store.forget(DAY) == 1
     assert store.days() == [DAY]
+
+
+def test_the_delivery_log_of_old_days_is_forgotten(tmp_path):
+    log = DeliveryLog(tmp_path / "sessions.sqlite")
+    log.begin("2026-11-28T00:00:00Z_a.test@us.test", ["mailto:r@a.test"], 0.0)
+    log.begin("2026-12-02T00:00:00Z_a.test@us.test", ["mailto:r@a.test"], 0.0)
+    assert log.forget(datetime.date(2026, 12, 1)) == 1
+    assert log.states("2026-12-02T00:00:00Z_a.test@us.test")
+    assert not log.states("2026-11-28T00:00:00Z_a.test@us.test")

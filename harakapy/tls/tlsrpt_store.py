@@ -195,6 +195,13 @@ class DeliveryLog:
                        "next_try = ?, last_error = ? WHERE report_id = ? AND rua = ?",
                        (state, next_try, error[:500], report_id, rua))
 
+    def forget(self, before: datetime.date) -> int:
+        """Remove what is known of reports of days before ``before`` (report-ids begin
+        with their day's start, ``YYYY-MM-DDT00:00:00Z``)."""
+        with self._store._connection() as db:
+            return db.execute("DELETE FROM deliveries WHERE report_id < ?",
+                              (before.isoformat(),)).rowcount
+
     def done(self, report_id: str) -> bool:
         """Whether nothing is left to send for the report (it may never have begun)."""
         states = self.states(report_id)
