@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,24 +140,17 @@ class Resolver:
         :raises DnsError: SERVFAIL (bogus or indeterminate: the validator says no more),
             a timeout, a refusal. Never an insecure answer.
         """
-        try:
-            answer = await self._resolver.resolve(name, rdtype, search=False,
-                                                  raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as exc:
-            responses = list(exc.responses().values())
-            authenticated = bool(responses) and all(
-                response.flags & dns.flags.AD for response in responses)
-            asked = name.rstrip(".").lower()
-            return Validated((), self._security(authenticated), asked, asked, exists=False)
-        except dns.resolver.NoNameservers as exc:
-            raise DnsError(f"{name} {rdtype}: no nameserver answered ({_first_error(exc)})"
-                           ) from None
-        except dns.exception.Timeout:
-            raise DnsError(f"{name} {rdtype}: DNS timeout") from None
-        except dns.name.NameTooLong:
-            raise NoSuchDomain(f"{name}: name too long") from None
-        except dns.exception.DNSException as exc:
-            raise DnsError(f"{name} {rdtype}: {exc}") from None
+        with _lookup_errors(name, rdtype):
+            try:
+                answer = await self._resolver.resolve(name, rdtype, search=False,
+                                                      raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN as exc:
+                responses = list(exc.responses().values())
+                authenticated = bool(responses) and all(
+                    response.flags & dns.flags.AD for response in responses)
+                asked = name.rstrip(".").lower()
+                return Validated((), self._security(authenticated), asked, asked,
+                                 exists=False)
         authenticated = bool(answer.response.flags & dns.flags.AD)
         records = tuple(answer.rrset) if answer.rrset is not None else ()
         owner = answer.canonical_name.to_text(omit_final_dot=True).lower()
@@ -167,21 +162,13 @@ class Resolver:
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, or ``None`` for NODATA (the name exists, no such records)."""
-        try:
-            return await self._resolver.resolve(name, rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
-            raise NoSuchDomain(f"{name}: no such domain (NXDOMAIN)") from None
-        except dns.resolver.NoAnswer:
-            return None
-        except dns.resolver.NoNameservers as exc:
-            raise DnsError(f"{name} {rdtype}: no nameserver answered ({_first_error(exc)})"
-                           ) from None
-        except dns.exception.Timeout:
-            raise DnsError(f"{name} {rdtype}: DNS timeout") from None
-        except dns.name.NameTooLong:
-            raise NoSuchDomain(f"{name}: name too long") from None
-        except dns.exception.DNSException as exc:
-            raise DnsError(f"{name} {rdtype}: {exc}") from None
+        with _lookup_errors(name, rdtype):
+            try:
+                return await self._resolver.resolve(name, rdtype, search=False)
+            except dns.resolver.NXDOMAIN:
+                raise NoSuchDomain(f"{name}: no such domain (NXDOMAIN)") from None
+            except dns.resolver.NoAnswer:
+                return None
 
     async def mx(self, domain: str) -> list[tuple[int, str]]:
         """``[(preference, exchange), ...]`` as published; ``[]`` when the domain has no MX
@@ -239,6 +226,22 @@ class Resolver:
         if not found and failure is not None:
             raise failure
         return found
+
+
+@contextmanager
+def _lookup_errors(name: str, rdtype: str) -> Iterator[None]:
+    """dnspython's failures as ours; NXDOMAIN and NODATA are the caller's to judge."""
+    try:
+        yield
+    except dns.resolver.NoNameservers as exc:
+        raise DnsError(f"{name} {rdtype}: no nameserver answered ({_first_error(exc)})"
+                       ) from None
+    except dns.exception.Timeout:
+        raise DnsError(f"{name} {rdtype}: DNS timeout") from None
+    except dns.name.NameTooLong:
+        raise NoSuchDomain(f"{name}: name too long") from None
+    except dns.exception.DNSException as exc:
+        raise DnsError(f"{name} {rdtype}: {exc}") from None
 
 
 def _first_error(exc: dns.resolver.NoNameservers) -> str:

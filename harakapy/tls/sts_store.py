@@ -20,15 +20,12 @@ Calls block (SQLite is a file): the plugin runs them in a thread.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from harakapy.tls.mta_sts import StsError, StsPolicy, parse_policy
+from harakapy.tls.sqlite_file import SqliteFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,21 +137,10 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
         self.path = path
-        self._busy_timeout = busy_timeout
-        self._local = threading.local()  # a connection per thread: sqlite3's rule
-        with self._connection() as db:
-            db.execute(_SCHEMA)
-
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=self._busy_timeout,
-                                 isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
-            db.execute("PRAGMA synchronous=FULL")  # a stored policy survives power loss
-            self._local.db = db
-        yield db
+        # FULL: a stored policy survives power loss.
+        self._file = SqliteFile(path, synchronous="FULL", busy_timeout=busy_timeout,
+                                schema=_SCHEMA)
+        self._connection = self._file.connection
 
     def get(self, domain: str) -> CachedPolicy | None:
         with self._connection() as db:
@@ -184,7 +170,4 @@ class SqliteStore:
         return [CachedPolicy(*row) for row in rows]
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self._file.close()

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from harakapy.tls.sqlite_file import SqliteFile
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS received (
@@ -105,18 +103,8 @@ class ReceivedStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
-        with self._connection() as db:
-            db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            self._local.db = db
-        yield db
+        self._file = SqliteFile(path, synchronous="FULL", schema=_SCHEMA)
+        self._connection = self._file.connection
 
     def add(self, report: dict[str, Any]) -> bool:
         """Store a parsed report; ``False`` for a duplicate."""
@@ -156,7 +144,4 @@ class ReceivedStore:
         return sorted(found.values(), key=lambda s: (-s.failed, s.organization, s.mx))
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self._file.close()

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import sqlite3
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
+from harakapy.tls.sqlite_file import SqliteFile
 from harakapy.tls.tlsrpt_report import DetailKey, PolicyCounts, PolicyKey, SessionKey
 
 _SCHEMA = """
@@ -65,20 +63,8 @@ class SessionStore:
 
     def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
         self.path = path
-        self._local = threading.local()
-        self._timeout = busy_timeout
-        with self._connection() as db:
-            db.executescript(_SCHEMA)
-
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        yield db
+        self._file = SqliteFile(path, busy_timeout=busy_timeout, schema=_SCHEMA)
+        self._connection = self._file.connection
 
     def add(self, counts: Mapping[SessionKey, int]) -> None:
         """Rule 1: add a batch of session counts."""
@@ -137,10 +123,7 @@ class SessionStore:
             return cursor.rowcount
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self._file.close()
 
 
 _LOG_SCHEMA = """
@@ -168,20 +151,18 @@ class DeliveryLog:
     PENDING, SENT, GAVE_UP, NONE = "pending", "sent", "gave-up", "none"
 
     def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
-        self._store = SessionStore(path, busy_timeout=busy_timeout)
-        with self._store._connection() as db:
-            db.executescript(_LOG_SCHEMA)
+        self._file = SqliteFile(path, busy_timeout=busy_timeout, schema=_LOG_SCHEMA)
 
     def states(self, report_id: str) -> dict[str, tuple[str, int, float, float, str]]:
         """``rua -> (state, attempts, first_try, next_try, last_error)``."""
-        with self._store._connection() as db:
+        with self._file.connection() as db:
             return {row[0]: tuple(row[1:]) for row in db.execute(
                 "SELECT rua, state, attempts, first_try, next_try, last_error FROM "
                 "deliveries WHERE report_id = ?", (report_id,))}
 
     def begin(self, report_id: str, ruas: list[str], now: float) -> None:
         """Note the destinations of a report (those already noted keep their state)."""
-        with self._store._connection() as db:
+        with self._file.connection() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO deliveries (report_id, rua, state, first_try, "
                 "next_try) VALUES (?, ?, ?, ?, ?)",
@@ -190,7 +171,7 @@ class DeliveryLog:
 
     def update(self, report_id: str, rua: str, state: str, *, next_try: float = 0.0,
                error: str = "") -> None:
-        with self._store._connection() as db:
+        with self._file.connection() as db:
             db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
                        "next_try = ?, last_error = ? WHERE report_id = ? AND rua = ?",
                        (state, next_try, error[:500], report_id, rua))
@@ -198,7 +179,7 @@ class DeliveryLog:
     def forget(self, before: datetime.date) -> int:
         """Remove what is known of reports of days before ``before`` (report-ids begin
         with their day's start, ``YYYY-MM-DDT00:00:00Z``)."""
-        with self._store._connection() as db:
+        with self._file.connection() as db:
             return db.execute("DELETE FROM deliveries WHERE report_id < ?",
                               (before.isoformat(),)).rowcount
 
@@ -208,4 +189,4 @@ class DeliveryLog:
         return bool(states) and all(s[0] != self.PENDING for s in states.values())
 
     def close(self) -> None:
-        self._store.close()
+        self._file.close()
