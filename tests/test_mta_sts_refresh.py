@@ -148,6 +148,10 @@ async def test_the_listener_answers_404_for_a_domain_that_is_not_ours(sts_world)
                    f"key = {key}\n[publish ours.test]\nmx = mx.ours.test\n")
     assert await world.env.hp.server.reload()
     context = ssl.create_default_context(cafile=str(world.env.hp.root.parent / "ca.pem"))
+    # This client asks by address with a Host header of each name: what is under test is
+    # the listener's choice by Host, not a client's name check (the chain is still
+    # checked; harakapy's own fetch checks the name: test_sts_fetch.py, and
+    # test_the_built_in_listener_serves_our_policy_to_an_mta_sts_client).
     context.check_hostname = False
 
     async def get(host: str, path: str = "/.well-known/mta-sts.txt"):

@@ -72,6 +72,28 @@ def txt_lookup(port: int):
     return lookup
 
 
+async def counted(world) -> tuple[datetime.date, str]:
+    """Write what harakapy counted (as its flush task would), for a command to read:
+    the day of the sessions, and the config directory."""
+    await world.env.hp.server.config.derive("tlsrpt.service", None).flush()
+    day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
+    return day, str(world.env.hp.root)
+
+
+async def https_rua_world(sts_world, tmp_path, endpoint):
+    """The reporting world with a.test's rua an HTTPS endpoint of the test's
+    (``endpoint(request)``), on 127.0.0.44 as reports.test."""
+    world = await reporting_world(sts_world, tmp_path, "https://reports.test:{port}/tlsrpt")
+    host = await world.env.stack.enter_async_context(PolicyHost(
+        "127.0.0.44", server_context(world.env.certs.ca, "reports.test"), endpoint,
+        method="POST"))
+    world.records["a.test"] = [line.replace("{port}", str(host.port))
+                               for line in world.records["a.test"]]
+    world.records["reports"].append("reports.test. A 127.0.0.44")
+    world.publish_zone()
+    return world, host
+
+
 async def sender_asleep(world) -> None:
     """The report round (every check_interval, 5 minutes) is done and asleep: moving the
     clock now wakes it, rather than landing in the middle of a round that would then
@@ -140,15 +162,7 @@ async def test_the_report_is_posted_and_a_failing_endpoint_is_tried_again_once_m
         posts.append((request.content_type, await request.read()))
         return web.Response(status=answers.pop(0) if answers else 201)
 
-    world = await reporting_world(sts_world, tmp_path, "https://reports.test:{port}/tlsrpt")
-    ca = world.env.certs.ca
-    host = await world.env.stack.enter_async_context(
-        PolicyHost("127.0.0.44", server_context(ca, "reports.test"), endpoint,
-                   method="POST"))
-    world.records["a.test"] = [line.replace("{port}", str(host.port))
-                               for line in world.records["a.test"]]
-    world.records["reports"].append("reports.test. A 127.0.0.44")
-    world.publish_zone()
+    world, _host = await https_rua_world(sts_world, tmp_path, endpoint)
     await traffic(world)
     await next_day(world)
     await eventually(lambda: posts, timeout=15)
@@ -189,9 +203,7 @@ async def test_the_cli_shows_the_report_and_prints_it_as_it_would_go_out(sts_wor
 
     world = await reporting_world(sts_world, tmp_path, "mailto:tlsrpt@reports.test")
     await traffic(world)
-    await world.env.hp.server.config.derive("tlsrpt.service", None).flush()
-    day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
-    root = str(world.env.hp.root)
+    day, root = await counted(world)
     shown = await asyncio.to_thread(harakapy, "tlsrpt", "show", "--date", day.isoformat(),
                                     "-c", root)
     assert shown.returncode == 0, shown.stderr
@@ -286,6 +298,8 @@ async def test_a_report_posted_to_our_endpoint_is_stored_once(sts_world, tmp_pat
                                   "total-failure-session-count": 0}}]}).encode())
     context = ssl.create_default_context(
         cafile=str(world.env.hp.root.parent / "ca.pem"))
+    # A sender posting to our endpoint by address: the endpoint is under test, not the
+    # sender's name check (the chain is still checked against the test CA).
     context.check_hostname = False
 
     async def post(data: bytes):
@@ -317,14 +331,7 @@ async def test_an_endpoint_that_always_fails_is_given_up_after_24_hours(sts_worl
         posts.append(len(await request.read()))
         return web.Response(status=500)
 
-    world = await reporting_world(sts_world, tmp_path, "https://reports.test:{port}/tlsrpt")
-    host = await world.env.stack.enter_async_context(PolicyHost(
-        "127.0.0.44", server_context(world.env.certs.ca, "reports.test"), endpoint,
-        method="POST"))
-    world.records["a.test"] = [line.replace("{port}", str(host.port))
-                               for line in world.records["a.test"]]
-    world.records["reports"].append("reports.test. A 127.0.0.44")
-    world.publish_zone()
+    world, host = await https_rua_world(sts_world, tmp_path, endpoint)
     await traffic(world)
     day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
     await next_day(world)
@@ -366,9 +373,7 @@ async def test_the_command_sends_a_finished_days_mail_report_through_the_server(
                                   clock_start=time.time() - 2 * DAY)
     inbox = await world.mx(REAL_IP, tls_context=self_signed_context("mx.reports.test"))
     await traffic(world)
-    await world.env.hp.server.config.derive("tlsrpt.service", None).flush()
-    day = datetime.datetime.fromtimestamp(world.env.clock.now, datetime.UTC).date()
-    root = str(world.env.hp.root)
+    day, root = await counted(world)
     done = await asyncio.to_thread(harakapy, "tlsrpt", "send", "--date", day.isoformat(),
                                    "-c", root)
     assert done.returncode == 0, done.stderr
