@@ -414,16 +414,19 @@ def _spool_submit(config: Any, clock: Any):
     """``server.submit`` for a command: the message goes into the spool, durably, and a
     running server is asked to deliver it now; without one, it goes at the next start."""
     from harakapy.outbound import control
+    from harakapy.outbound.requiretls import opts_out
     from harakapy.spool.store import Spool
 
     async def submit(sender: str, recipients: list[str], message: bytes, *,
-                     id: str | None = None) -> Any:
+                     id: str | None = None, requiretls: bool = False) -> Any:
         if id is None:
             raise ValueError("a command's message needs an id of its own")
         spool = Spool(config.queue_dir())
         spool.create()
         queued = await asyncio.to_thread(spool.accept, id=id, sender=sender,
                                          recipients=recipients, message=message,
+                                         requiretls=requiretls,
+                                         tls_optional=not requiretls and opts_out(message),
                                          arrival=clock.time())
         await asyncio.to_thread(control.request, spool.root, {"cmd": "adopt", "id": id})
         return queued

@@ -30,6 +30,7 @@ from harakapy.inbound.settings import InboundSettings, ListenAddress, check_me
 from harakapy.locks import ProcessLock
 from harakapy.outbound import control
 from harakapy.outbound.queue import OutboundQueue
+from harakapy.outbound.requiretls import requiretls_settings
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.spool.report import check_id
@@ -62,6 +63,7 @@ def _build_state(config: Config, core: Core) -> _State:
     # Checked now so a bad value stops the start (or the reload) with file:line.
     config.derive("outbound.settings", OutboundSettings.from_config)
     config.derive("outbound.resolver", Resolver.from_config)
+    requiretls_settings(config)
     me = check_me(config) or socket.getfqdn()
     plugins = PluginManager.load(config, timeout=settings.plugin_timeout)
     plugins.bind(me, core)
@@ -134,13 +136,18 @@ class MailServer:
         return self.outbound is not None
 
     async def submit(self, sender: str, recipients: list[str], message: bytes, *,
-                     id: str | None = None) -> QueuedMessage:
+                     id: str | None = None, requiretls: bool = False) -> QueuedMessage:
         """A message made here (a DSN, a report) into the outbound queue."""
         if self.outbound is None:
             raise SpoolError("the outbound queue is not running in this command")
         if id is not None:
             check_id(id)  # a plugin's id names a spool file: nothing else
-        return await self.outbound.submit(sender, recipients, message, id=id)
+        return await self.outbound.submit(sender, recipients, message, id=id,
+                                          requiretls=requiretls)
+
+    @property
+    def offers_requiretls(self) -> bool:
+        return requiretls_settings(self.config).offer
 
     async def enqueue(self, transaction: Transaction) -> QueuedMessage:
         """A received message into the outbound queue (durable when this returns)."""
@@ -150,7 +157,8 @@ class MailServer:
         return await self.outbound.submit(
             transaction.sender.address, [r.address for r in transaction.recipients],
             transaction.message, id=transaction.id, smtputf8=transaction.smtputf8,
-            body_8bit=transaction.body_8bit, client=transaction.id)
+            body_8bit=transaction.body_8bit, requiretls=transaction.requiretls,
+            client=transaction.id)
 
     async def _prepare(self, state: _State, hook: str) -> _State:
         # The plugins of ``state`` judge its config before it takes over: their views

@@ -36,7 +36,7 @@ class Core(Protocol):
     def clock(self) -> Clock: ...
 
     async def submit(self, sender: str, recipients: list[str], message: bytes, *,
-                     id: str | None = None) -> QueuedMessage: ...
+                     id: str | None = None, requiretls: bool = False) -> QueuedMessage: ...
 
     async def enqueue(self, transaction: Transaction) -> QueuedMessage: ...
 
@@ -100,7 +100,7 @@ class Server:
         return self._state_dir
 
     async def submit(self, sender: str, recipients: list[str], message: bytes, *,
-                     id: str | None = None) -> QueuedMessage:
+                     id: str | None = None, requiretls: bool = False) -> QueuedMessage:
         """Put a message this plugin made (a report, a notice) into the outbound queue.
 
         It is in the spool, fsynced, when this returns, and is delivered like any other.
@@ -111,10 +111,14 @@ class Server:
         :param id: A queue id of the plugin's own (letters, digits, ``.``, ``_``, ``-``;
             start it with the plugin's name), for a message that must be queued once:
             a second submit with the same id, while the first is queued, is refused.
+        :param requiretls: Deliver it only over validated TLS to servers that offer
+            REQUIRETLS (RFC 8689): a list or forwarder re-sending a REQUIRETLS message
+            passes its ``requiretls`` on.
         :raises SpoolError: it could not be stored, its ``id`` is queued already, or no
             queue runs in this command.
         """
-        return await self._core.submit(sender, recipients, message, id=id)
+        return await self._core.submit(sender, recipients, message, id=id,
+                                       requiretls=requiretls)
 
     async def enqueue(self, transaction: Transaction) -> QueuedMessage:
         """Store a received message durably in the outbound queue, for a ``queue`` or

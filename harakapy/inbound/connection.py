@@ -31,6 +31,9 @@ class Transaction:
     :ivar recipients: Accepted forward paths, in order.
     :ivar message: The message as received, our ``Received:`` header first, CRLF line ends;
         ``None`` until the data has arrived.
+    :ivar requiretls: Deliver only over validated TLS to servers that offer REQUIRETLS
+        (RFC 8689): set when the client sent ``MAIL FROM:<...> REQUIRETLS``; a plugin may
+        set it too (in ``mail``, ``rcpt``, ``data`` or ``data_post``), never clear it.
     :ivar notes: Free for plugins.
     """
 
@@ -40,6 +43,10 @@ class Transaction:
     recipients: list[Address] = field(default_factory=list)
     message: bytes | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    requiretls: bool = False
+
+    def __post_init__(self) -> None:
+        self.requiretls = self.requiretls or self.mail_params.get("REQUIRETLS") is True
 
     @property
     def smtputf8(self) -> bool:

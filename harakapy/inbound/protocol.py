@@ -65,6 +65,11 @@ class InboundHost(Protocol):
     def draining(self) -> bool: ...
 
     @property
+    def offers_requiretls(self) -> bool:
+        """Whether TLS sessions list ``REQUIRETLS`` (``config/requiretls.ini``)."""
+        ...
+
+    @property
     def queues_outbound(self) -> bool:
         """Whether relayed mail that no ``queue_outbound`` plugin takes goes to the
         outbound queue (:meth:`enqueue`)."""
@@ -390,6 +395,9 @@ class SmtpProtocol(SMTP):
             lines.append("STARTTLS")
         if connection.tls is not None and self.server.plugins.has("auth"):
             lines.append("AUTH PLAIN LOGIN")
+        if connection.tls is not None and self.server.offers_requiretls:
+            # RFC 8689 2: only on a session that TLS protects.
+            lines.append("REQUIRETLS")
         await self._push_raw("\r\n".join(
             f"250{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)))
 
@@ -605,8 +613,24 @@ class SmtpProtocol(SMTP):
                     return "501 5.5.4 SMTPUTF8 takes no value"
                 if not self.enable_SMTPUTF8:
                     return "555 5.5.4 SMTPUTF8 not supported"
+            elif name == "REQUIRETLS":
+                problem = self._check_requiretls(value)
+                if problem is not None:
+                    return problem
             else:
                 return f"555 5.5.4 MAIL parameter {name} not supported"
+        return None
+
+    def _check_requiretls(self, value: str | bool) -> str | None:
+        """RFC 8689 2: the parameter needs a TLS session. Without one it was not offered;
+        the reply says what the sender can do about it rather than "unknown parameter"."""
+        assert self.connection is not None
+        if value is not True:
+            return "501 5.5.4 REQUIRETLS takes no value"
+        if not self.server.offers_requiretls:
+            return "555 5.5.4 MAIL parameter REQUIRETLS not supported"
+        if self.connection.tls is None:
+            return "530 5.7.10 REQUIRETLS needs a TLS session: STARTTLS first"
         return None
 
     async def smtp_RCPT(self, arg: str | None) -> None:

@@ -6,8 +6,11 @@ it (from ``<>``, never to ``<>``) is the queue runner's business.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import os
 from dataclasses import dataclass
+from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from harakapy.spool.store import QueuedMessage
@@ -85,8 +88,10 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
         per_recipient.append("\r\n".join(block))
 
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    # The original goes back whole for a bounce; a delay warning only needs its header.
-    if delayed:
+    # The original goes back whole for a bounce; a delay warning only needs its header,
+    # and so does any notice about a REQUIRETLS message (RFC 8689 5: as if RET=HDRS).
+    headers_only = delayed or message.requiretls
+    if headers_only:
         original_type = "message/global-headers" if utf8 else "text/rfc822-headers"
         original = message.read_headers()
     else:
@@ -100,6 +105,9 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
         f"Date: {date}",
         f"Message-ID: {make_msgid(domain=me)}",
         "Auto-Submitted: auto-replied",
+        # The sender asked that TLS policy not stop the message; nor its notice (Postfix
+        # does the same).
+        *(["TLS-Required: No"] if message.tls_optional and not message.requiretls else []),
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
         "",
@@ -119,7 +127,8 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
         "\r\n\r\n".join(per_recipient),
         "",
         f"--{boundary}",
-        "Content-Description: Undelivered " + ("message header" if delayed else "message"),
+        "Content-Description: Undelivered " + ("message header" if headers_only
+                                               else "message"),
         f"Content-Type: {original_type}",
         "",
         "",
@@ -127,3 +136,29 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
     tail = f"\r\n--{boundary}--\r\n"
     original = original if original.endswith(b"\r\n") else original + b"\r\n"
     return head.encode("utf-8") + original + tail.encode()
+
+
+HEADER_TYPES = ("text/rfc822-headers", "message/global-headers", "message/rfc822",
+                "message/global")
+
+
+def redact_notice(notice: bytes, *, me: str) -> bytes:
+    """A notice about a REQUIRETLS message, without the original's header: for the way
+    back when it cannot travel with REQUIRETLS (``[notices] fallback = redacted``). The
+    delivery report stays; a sentence says what was left out and why."""
+    parsed = email.parser.BytesParser(policy=email.policy.SMTP).parsebytes(notice)
+    if not isinstance(parsed, EmailMessage) or not parsed.is_multipart():
+        raise ValueError("not a notice of ours")
+    kept = [part for part in parsed.iter_parts()
+            if part.get_content_type() not in HEADER_TYPES]
+    note = EmailMessage(policy=email.policy.SMTP)
+    note.set_content(
+        f"This is the mail system at host {me}.\n\n"
+        "The message this notice is about was sent with REQUIRETLS (RFC 8689). The way "
+        "back to you could not carry this notice with REQUIRETLS, so the original "
+        "message's header, which the notice would return, has been left out.\n")
+    note["Content-Description"] = "Notification"
+    parsed.set_payload([note, *kept])
+    if "Subject" in parsed:
+        parsed.replace_header("Subject", f"{parsed['Subject']} (header withheld)")
+    return parsed.as_bytes()

@@ -21,6 +21,7 @@ from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.outbound.tls_policy import Route
 from harakapy.spool.store import RecipientState
+from harakapy.tls.results import Failure
 
 log = logging.getLogger("harakapy.outbound")
 
@@ -42,11 +43,15 @@ class Outcome:
     """:ivar errors: Per-host failures, for logs and DSNs.
     :ivar tls_status: The RFC 3463 status of the last TLS policy failure (``4.7.5``), when
         one kept the mail from a host: a deferral and an expiry say so.
+    :ivar tls_failure: That failure.
     """
 
     results: list[RecipientResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     tls_status: str = ""
+    tls_failure: Failure | None = None
+    requiretls_why: str = ""  # why REQUIRETLS could not be met, when not from a session
+    requiretls_met: bool = False  # delivered under a REQUIRETLS policy
     contacted: bool = False  # some host answered (greeted, or refused us politely)
     tried: bool = False  # some connection was attempted
 
@@ -197,7 +202,7 @@ class Delivery:
                 plan = await self.tls.plan(route.policy, host, route.nexthop)
             except TlsFailure as exc:
                 outcome.errors.append(f"{host.hostname}: {exc.status} {exc.reason}")
-                outcome.tls_status = exc.status
+                outcome.tls_status, outcome.tls_failure = exc.status, exc.failure
                 temporary = True
                 continue
             try:
@@ -244,8 +249,10 @@ class Delivery:
             session, key, pooled = await self.open_session(plan, ip, reuse=not fresh)
         except TlsFailure as exc:
             outcome.errors.append(f"{where}: {exc.status} {exc.reason}")
-            outcome.tls_status = exc.status
+            outcome.tls_status, outcome.tls_failure = exc.status, exc.failure
             outcome.contacted = True
+            if exc.final:  # as a host that cannot carry the message: the next one
+                return exc.status, f"{where}: {exc.reason}"
             return "failed"
         except SessionError as exc:
             outcome.errors.append(f"{where}: {exc.reason}")
@@ -295,6 +302,7 @@ class Delivery:
             outcome.results.append(RecipientResult(index, state, str(reply),
                                                    _enhanced(reply, default), host.hostname,
                                                    remote=not reply.local))
+        outcome.requiretls_met = plan.policy.requiretls
         await self.pool.give_back(key, session)
         return "done"
 

@@ -36,14 +36,23 @@ class TlsFailure(SessionError):
 
     :ivar failure: The RFC 8460 failure.
     :ivar status: RFC 3463 status for the deferral: 4.7.4 when TLS was not offered
-        (Postfix's choice), 4.7.5 for every other TLS failure.
+        (Postfix's choice), 4.7.5 for every other TLS failure; for a REQUIRETLS message
+        4.7.10, and 5.7.30 when the server does not offer REQUIRETLS.
+    :ivar final: Waiting cannot help with this MX (it does not offer REQUIRETLS).
     """
 
-    def __init__(self, failure: Failure) -> None:
+    def __init__(self, failure: Failure, *, requiretls: bool = False,
+                 final: bool = False) -> None:
         super().__init__("tls-policy", failure.reason)
         self.failure = failure
-        self.status = ("4.7.4" if failure.result_type is ResultType.STARTTLS_NOT_SUPPORTED
-                       else "4.7.5")
+        self.final = final
+        if final:
+            self.status = "5.7.30"
+        elif requiretls:
+            self.status = "4.7.10"
+        else:
+            self.status = ("4.7.4" if failure.result_type is
+                           ResultType.STARTTLS_NOT_SUPPORTED else "4.7.5")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +190,16 @@ class Negotiator:
                 level, quiet = Level.MAY, True
             elif tlsa.unusable:
                 # RFC 7672 2.2: records exist, none usable: TLS is still mandatory, only
-                # without authentication. Reported once, as tlsa-invalid.
+                # without authentication. Reported once, as tlsa-invalid. REQUIRETLS
+                # needs authentication: that MX cannot have the message.
                 await self._report(plan, Failure(
                     ResultType.TLSA_INVALID, f"no usable TLSA record for {host.hostname}",
-                    "all-TLSA-records-unusable"), None, enforced=False)
+                    "all-TLSA-records-unusable"), None, enforced=policy.requiretls)
+                if policy.requiretls:
+                    raise TlsFailure(Failure(
+                        ResultType.TLSA_INVALID, f"REQUIRETLS: {host.hostname} has TLSA "
+                        f"records, none usable: TLS without authentication is not enough",
+                        "all-TLSA-records-unusable"), requiretls=True)
                 level, quiet = Level.ENCRYPT, True
             elif not tlsa.records:
                 if level is Level.DANE_ONLY:
@@ -255,6 +270,17 @@ class Negotiator:
             await self._fail(plan, failure, session)  # raises when enforced
         await session.ehlo(session.ehlo_name)  # RFC 3207 4.2: forget what was said before
         missing = [e for e in plan.policy.required_extensions if not session.supports(e)]
+        if missing and failure is None and plan.policy.requiretls:
+            # The session met the destination's policy (that is what is reported); it is
+            # the sender who asks for more, and this server cannot give it, now or later.
+            await self._report(plan, None, session)
+            log.info("%s [%s] does not offer %s after STARTTLS", plan.host.hostname,
+                     session.peer_ip, ", ".join(missing))
+            await session.quit()
+            raise TlsFailure(Failure(ResultType.VALIDATION_FAILURE,
+                                     f"REQUIRETLS: {plan.host.hostname} does not offer "
+                                     f"{', '.join(missing)} after STARTTLS",
+                                     "requiretls-not-offered"), final=True)
         if missing and failure is None:
             failure = Failure(ResultType.VALIDATION_FAILURE,
                               f"the server does not offer {', '.join(missing)} after "
@@ -309,6 +335,11 @@ class Negotiator:
                                             else required)
         await self._report(plan, failure, session, enforced=enforced)
         if not enforced:
+            if plan.policy.waived and self.report is not None:
+                log.info("%s: %s [%s] failed the TLS policy (%s) of %s, delivered anyway: "
+                         "%s", plan.policy.waived, plan.host.hostname,
+                         session.peer_ip if session else "-", plan.level, plan.nexthop,
+                         failure.reason)
             return
         if self.report is not None:  # a probe's side connections check quietly
             log.warning("TLS policy (%s) not met by %s [%s] for %s: %s", plan.level,
@@ -316,7 +347,7 @@ class Negotiator:
                         plan.nexthop, failure.reason)
         if session is not None:
             await session.quit()
-        raise TlsFailure(failure)
+        raise TlsFailure(failure, requiretls=plan.policy.requiretls)
 
     async def _report(self, plan: HostPlan, failure: Failure | None,
                       session: SmtpSession | None, *, enforced: bool = True) -> None:

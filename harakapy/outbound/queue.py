@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from harakapy.clock import Clock
 from harakapy.dns import Resolver
-from harakapy.outbound.bounce import Failure, build_dsn
+from harakapy.outbound.bounce import Failure, build_dsn, redact_notice
 from harakapy.outbound.delivery import Delivery, Outcome, RecipientResult
 from harakapy.outbound.mx import MxError, MxHost, next_hops
 from harakapy.outbound.negotiate import Negotiator
+from harakapy.outbound.requiretls import RequireTlsRefused, opts_out, requiretls_settings
+from harakapy.outbound.requiretls import routes as policy_routes
 from harakapy.outbound.settings import OutboundSettings
-from harakapy.outbound.tls_policy import PolicyLookupError, routes_for, tls_settings
+from harakapy.outbound.tls_policy import PolicyLookupError, tls_settings
 from harakapy.results import Result
 from harakapy.spool.store import (
     JournalEvent,
@@ -229,13 +231,15 @@ class OutboundQueue:
 
     async def submit(self, sender: str, recipients: list[str], message: bytes, *,
                      id: str | None = None, smtputf8: bool | None = None,
-                     body_8bit: bool = False, client: str = "") -> QueuedMessage:
+                     body_8bit: bool = False, requiretls: bool = False, client: str = ""
+                     ) -> QueuedMessage:
         """Store a message durably and schedule its delivery.
 
         :param id: The queue id (a received message keeps its transaction's); a new one
             when ``None``.
         :param smtputf8: Whether delivery needs SMTPUTF8; ``None``: when an address is
             not ASCII.
+        :param requiretls: Deliver it only as REQUIRETLS allows (RFC 8689).
         :param client: The inbound transaction it came from, for logs.
         :raises SpoolError: it could not be stored; a client must hear 4xx.
         :raises ValueError: no recipient, or an address with CR, LF or NUL (a plugin's
@@ -251,7 +255,8 @@ class OutboundQueue:
             smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         queued = await self._in_thread(
             self.spool.accept, id=id or new_id(), sender=sender, recipients=recipients,
-            message=message, smtputf8=smtputf8, body_8bit=body_8bit, client=client,
+            message=message, smtputf8=smtputf8, body_8bit=body_8bit, requiretls=requiretls,
+            tls_optional=not requiretls and opts_out(message), client=client,
             arrival=self.clock.time(), slot=self.slot)
         await self.server.plugins.call_all("init_outbound", message=queued)
         domains = queued.domains()
@@ -420,8 +425,14 @@ class OutboundQueue:
         indexes = [message.recipients.index(r) for r in pending]
         try:
             hosts, routed = await self._hosts(message, job.domain)
-            routes = await routes_for(self.server.plugins, self.server.config, job.domain,
-                                      hosts, routed=routed, message=message)
+            routes = await policy_routes(self.server.plugins, self.server.config,
+                                         self.delivery.resolver, job.domain, hosts,
+                                         routed=routed, message=message)
+        except RequireTlsRefused as exc:
+            outcome = Outcome([RecipientResult(i, BOUNCED, exc.reason, exc.status)
+                               for i in indexes], [exc.reason], requiretls_why=exc.why)
+            await self._apply(message, job, indexes, outcome, lifetime)
+            return
         except MxError as exc:
             state = BOUNCED if exc.permanent else DEFERRED
             outcome = Outcome([RecipientResult(i, state, exc.reason, exc.enhanced)
@@ -487,15 +498,17 @@ class OutboundQueue:
                    and self._open_domains.get(message.id) == {job.domain}
                    and all(r.is_final for i, r in enumerate(message.recipients)
                            if i not in attempted))
+        marker = _requiretls_marker(message, outcome)
         for result in delivered:
-            log.info("%s delivered to <%s> via %s: %s", message.id,
-                     message.recipients[result.index].address, result.mx, result.reply)
+            log.info("%s delivered to <%s> via %s%s: %s", message.id,
+                     message.recipients[result.index].address, result.mx, marker,
+                     result.reply)
         if delivered:
             await self._record(message, JournalEvent(
                 rcpt=tuple(r.index for r in delivered), state=DELIVERED, mx=delivered[0].mx,
                 reply=delivered[0].reply), durable=True, settles=settles)
         if bounced:
-            await self._bounce(message, bounced, settles=settles)  # the DSN first
+            await self._bounce(message, bounced, settles=settles, marker=marker)
         if settles:
             await self._domain_done(message, job.domain)  # before the hooks hear (rule 2)
         for result in delivered:
@@ -510,8 +523,8 @@ class OutboundQueue:
             attempts = message.attempts.get(job.domain, 0) + 1
             next_attempt = now + self.settings.backoff(attempts)
             why = "; ".join(sorted({r.reply for r in deferred})) or reason
-            log.info("%s deferred %d recipient(s) in %s until %.0fs from now: %s",
-                     message.id, len(retry), job.domain, next_attempt - now, why)
+            log.info("%s deferred %d recipient(s) in %s until %.0fs from now%s: %s",
+                     message.id, len(retry), job.domain, next_attempt - now, marker, why)
             await self._record(message, JournalEvent(
                 rcpt=tuple(retry), state=DEFERRED, reply=why, domain=job.domain,
                 attempts=attempts, next_attempt=next_attempt, error=why), durable=False)
@@ -541,12 +554,12 @@ class OutboundQueue:
         written.apply(message)
 
     async def _bounce(self, message: QueuedMessage, bounced: list[RecipientResult], *,
-                      settles: bool = False) -> None:
+                      settles: bool = False, marker: str = "") -> None:
         failures = [Failure(message.recipients[r.index].address, r.enhanced or "5.0.0",
                             r.reply, r.mx, r.remote) for r in bounced]
         for failure in failures:
-            log.info("%s bounced <%s>: %s %s", message.id, failure.recipient, failure.status,
-                     failure.diagnostic)
+            log.info("%s bounced <%s>%s: %s %s", message.id, failure.recipient, marker,
+                     failure.status, failure.diagnostic)
         recipients = [message.recipients[r.index] for r in bounced]
         if not message.is_bounce:
             dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me)
@@ -559,9 +572,14 @@ class OutboundQueue:
                 # own DSN, so the sender still hears of it.
                 answer = None
             if answer is None or isinstance(answer, bytes):
-                queued = await self.submit("", [message.sender], dsn)
+                # RFC 8689 5: the notice carries the original header, so it travels as
+                # the original did.
+                queued = await self.submit("", [message.sender], dsn,
+                                           requiretls=message.requiretls)
                 log.info("%s DSN queued as %s for <%s>", message.id, queued.id,
                          message.sender)
+        elif message.requiretls:
+            await self._notice_without_requiretls(message)
         else:
             log.warning("%s is itself a bounce: dropping it (no errors about errors)",
                         message.id)
@@ -569,6 +587,24 @@ class OutboundQueue:
             rcpt=tuple(r.index for r in bounced), state=BOUNCED,
             reply="; ".join(f.diagnostic for f in failures)[:500],
             enhanced=failures[0].status), durable=True, settles=settles)
+
+    async def _notice_without_requiretls(self, notice: QueuedMessage) -> None:
+        """A notice about a REQUIRETLS message could not go back with REQUIRETLS: once
+        more without it, and without the header it was protecting
+        (``[notices] fallback``)."""
+        if not requiretls_settings(self.server.config).redact_notices:
+            log.warning("%s: a notice that could not be delivered with REQUIRETLS: "
+                        "dropped ([notices] fallback = drop)", notice.id)
+            return
+        try:
+            text = await self._in_thread(notice.read)
+        except SpoolError as exc:
+            log.error("%s: cannot read the notice to redact it: %s", notice.id, exc)
+            return
+        redacted = await self._in_thread(redact_notice, text, me=self.server.me)
+        queued = await self.submit("", [r.address for r in notice.recipients], redacted)
+        log.info("%s: a notice that could not be delivered with REQUIRETLS; sent again "
+                 "without it and without the original header, as %s", notice.id, queued.id)
 
     async def _maybe_warn(self, message: QueuedMessage, retry: list[int], why: str,
                           lifetime: float) -> None:
@@ -579,7 +615,7 @@ class OutboundQueue:
         failures = [Failure(message.recipients[i].address, "4.4.7", why) for i in retry]
         dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me,
                                       delayed=True, retry_until=message.arrival + lifetime)
-        await self.submit("", [message.sender], dsn)
+        await self.submit("", [message.sender], dsn, requiretls=message.requiretls)
         await self._record(message, JournalEvent(warned=True), durable=True)
 
     async def _domain_done(self, message: QueuedMessage, domain: str) -> None:
@@ -596,3 +632,21 @@ class OutboundQueue:
             # event loop would otherwise stand still for.
             await self._in_thread(self.spool.remove, message.id, journal=journal)
             log.info("%s done: removed from the spool", message.id)
+
+
+def _requiretls_marker(message: QueuedMessage, outcome: Outcome) -> str:
+    """The delivery log's word on REQUIRETLS, in Postfix's form: `` requiretls`` when it
+    was met, `` requiretls:exempt`` for a route to this machine, `` !requiretls:<why>``
+    when it kept the mail back; empty for other mail."""
+    if not message.requiretls:
+        return ""
+    if outcome.requiretls_met:
+        return " requiretls"
+    if any(r.state is DELIVERED for r in outcome.results):
+        return " requiretls:exempt"
+    why = outcome.requiretls_why
+    if not why and outcome.tls_failure is not None:
+        failure = outcome.tls_failure
+        why = failure.code if failure.code == "requiretls-not-offered" else \
+            failure.result_type.value
+    return f" !requiretls:{why or 'not-delivered'}"

@@ -26,6 +26,8 @@ def summary(message: QueuedMessage) -> dict[str, Any]:
         "arrival": message.arrival,
         "size": message.size,
         "sender": message.sender,
+        "requiretls": message.requiretls,
+        "tls_required_no": message.tls_optional,
         "recipients": [{"address": r.address, "state": r.state, "reply": r.reply,
                         "mx": r.mx} for r in message.recipients],
         "next_attempt": {d: t for d, t in message.next_attempt.items()
@@ -76,8 +78,12 @@ def format_show(message: QueuedMessage) -> str:
         f"arrival:   {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(message.arrival))}Z",
         f"size:      {message.size} bytes",
         f"sender:    <{message.sender}>",
-        "recipients:",
     ]
+    if message.requiretls:
+        lines.append("REQUIRETLS: yes (only over validated TLS to servers that offer it)")
+    elif message.tls_optional:
+        lines.append("TLS-Required: No (recipient TLS policy only reports for it)")
+    lines.append("recipients:")
     for recipient in message.recipients:
         detail = f" via {recipient.mx}" if recipient.mx else ""
         reply = f": {recipient.reply}" if recipient.reply else ""

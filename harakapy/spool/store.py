@@ -173,6 +173,12 @@ class QueuedMessage:
     """A message in the spool, as hooks see it (``message``): envelope and recipient states.
 
     The message text stays on disk; :meth:`read` loads it.
+
+    :ivar requiretls: The sender asked for REQUIRETLS (RFC 8689), or a plugin set it: it
+        goes only over validated TLS to servers that offer REQUIRETLS
+        (``harakapy.outbound.requiretls``).
+    :ivar tls_optional: Its header says ``TLS-Required: No`` (every such field): the
+        sender's opt-out of recipient TLS policy.
     """
 
     id: str
@@ -182,6 +188,8 @@ class QueuedMessage:
     size: int
     smtputf8: bool = False
     body_8bit: bool = False
+    requiretls: bool = False
+    tls_optional: bool = False
     client: str = ""
     slot: int = 0
     path: Path | None = None
@@ -348,8 +356,9 @@ class Spool:
     # -- writing ------------------------------------------------------------------------
 
     def accept(self, *, id: str, sender: str, recipients: list[str], message: bytes,
-               smtputf8: bool = False, body_8bit: bool = False, client: str = "",
-               arrival: float | None = None, slot: int = 0) -> QueuedMessage:
+               smtputf8: bool = False, body_8bit: bool = False, requiretls: bool = False,
+               tls_optional: bool = False, client: str = "", arrival: float | None = None,
+               slot: int = 0) -> QueuedMessage:
         """Store a message durably; when this returns, it survives ``kill -9``.
 
         :param recipients: Forward paths (``local@domain``), in order.
@@ -362,6 +371,11 @@ class Spool:
             "arrival": arrival, "size": len(message), "smtputf8": smtputf8,
             "body_8bit": body_8bit, "client": client, "slot": slot,
         }
+        # Only when set: the envelope of ordinary mail stays as it was.
+        if requiretls:
+            envelope["requiretls"] = True
+        if tls_optional:
+            envelope["tls_optional"] = True
         head = json.dumps(envelope, ensure_ascii=False).encode() + b"\n"
         final = self.msg_dir / id
         tmp = os.path.join(self.tmp_dir, tmp_name(slot, id))
@@ -386,7 +400,8 @@ class Spool:
             id=id, sender=sender,
             recipients=[QueuedRecipient(r, r.rpartition("@")[2].lower()) for r in recipients],
             arrival=arrival, size=len(message), smtputf8=smtputf8, body_8bit=body_8bit,
-            client=client, slot=slot, path=final, body_offset=len(head))
+            requiretls=requiretls, tls_optional=tls_optional, client=client, slot=slot,
+            path=final, body_offset=len(head))
 
     def record(self, message_id: str, event: JournalEvent, *,
                durable: bool = True) -> JournalEvent:
@@ -500,7 +515,10 @@ class Spool:
                             for r in envelope["recipients"]],
                 arrival=float(envelope["arrival"]), size=int(envelope["size"]),
                 smtputf8=bool(envelope.get("smtputf8")),
-                body_8bit=bool(envelope.get("body_8bit")), client=envelope.get("client", ""),
+                body_8bit=bool(envelope.get("body_8bit")),
+                requiretls=envelope.get("requiretls") is True,
+                tls_optional=envelope.get("tls_optional") is True,
+                client=envelope.get("client", ""),
                 slot=int(envelope.get("slot", 0)), path=path, body_offset=len(head))
         except (ValueError, KeyError, TypeError) as exc:
             raise SpoolError(f"{path}: corrupt envelope ({exc})") from exc

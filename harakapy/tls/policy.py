@@ -188,6 +188,10 @@ class Policy:
     :param discovery_failure: Finding the policy went wrong (an MTA-STS policy host that
         failed): each session under this policy reports it, as a failure that did not
         stop the mail, unless the session has a failure of its own.
+    :param requiretls: The engine's mark on the policy of a message sent with REQUIRETLS
+        (``harakapy.outbound.requiretls``): its failures carry 5.7.30 and 4.7.10.
+    :param waived: Why this policy only reports for this message (``TLS-Required: No``);
+        the engine logs each failure it let through.
     :param reason: Why this policy: a file and line, a DNS record. Shown by
         ``harakapy tls-policy``.
     :param decided_by: The plugin that answered ``tls_policy``; the engine fills it in.
@@ -208,6 +212,8 @@ class Policy:
     source: PolicySource = PolicySource()
     fallback: Policy | None = field(default=None, compare=False)
     discovery_failure: Failure | None = field(default=None, compare=False)
+    requiretls: bool = False
+    waived: str = field(default="", compare=False)
     reason: str = field(default="", compare=False)
     decided_by: str = field(default="", compare=False)
 
