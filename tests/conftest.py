@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.dane_world import dane_world_factory
 from tests.dns_server import DnsServer
 from tests.harness import write_config_dir
 from tests.outbound_env import EnvFactory, start_tls_env
@@ -79,6 +80,13 @@ async def dest_dns():
     server = await DnsServer(DEST_ZONE).start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def dane_world(outbound_env, tmp_path):
+    """``world = await dane_world(zone_of(port), ...)``: harakapy with the dane plugin in
+    a signed world (tests/dane_world.py)."""
+    return dane_world_factory(outbound_env, tmp_path)
 
 
 @pytest.fixture
