@@ -154,9 +154,12 @@ def mail(connection: Connection, transaction: Transaction, sender: Address,
 
     ``None`` or ``ok()`` answers ``250 2.1.0``.
 
-    :param transaction: The new transaction (``notes`` is empty).
+    :param transaction: The new transaction (``notes`` is empty). Set
+        ``transaction.requiretls = True`` to have this message delivered only as
+        REQUIRETLS allows (RFC 8689; docs/requiretls.md), as if the client had asked.
     :param sender: The reverse path; ``sender.is_null`` for ``MAIL FROM:<>``.
-    :param params: ESMTP parameters, upper-case names (``SIZE``, ``BODY``, ``SMTPUTF8``).
+    :param params: ESMTP parameters, upper-case names (``SIZE``, ``BODY``, ``SMTPUTF8``,
+        ``REQUIRETLS``).
 
     Stops at the first non-None result.
     """

@@ -578,7 +578,7 @@ class OutboundQueue:
                                            requiretls=message.requiretls)
                 log.info("%s DSN queued as %s for <%s>", message.id, queued.id,
                          message.sender)
-        elif message.requiretls:
+        elif message.requiretls and any(f.status.startswith("5.7.") for f in failures):
             await self._notice_without_requiretls(message)
         else:
             log.warning("%s is itself a bounce: dropping it (no errors about errors)",
