@@ -9,13 +9,14 @@ import asyncio
 import email
 import email.policy
 import logging
+import signal
 
 import pytest
 
 from harakapy.outbound.requiretls import opts_out
 from harakapy.spool.store import Spool
 from tests.harness import RawClient, eventually, insecure_client_context, running_server
-from tests.processes import harakapy
+from tests.processes import ServerProcess, free_port, harakapy
 from tests.sts_world import MX2_IP, MX_IP, REAL_IP, Answer, plaintext_seen, policy
 
 # A plugin that asks for REQUIRETLS for mail from senders whose name starts with "rt":
@@ -150,6 +151,26 @@ async def test_the_flag_is_in_the_spool_survives_a_restart_and_queue_show_says_s
                                          "--json")
         assert '"requiretls": false' in listed.stdout
     assert Spool(root / "queue").load(flagged).requiretls
+
+
+async def test_the_flag_survives_kill_9(config_dir):
+    port = free_port()
+    root = config_dir({**HOLDING, "smtp.ini": f"[main]\nlisten = 127.0.0.1:{port}\n"})
+    first = ServerProcess("-c", str(root))
+    try:
+        await asyncio.to_thread(first.wait_for, "harakapy ready")
+        flagged = await _send_over_tls(port, "a@client.test", requiretls=True)
+        first.process.kill()  # no handler, no flush, no goodbye
+        assert await asyncio.to_thread(first.wait) == -signal.SIGKILL
+    finally:
+        first.stop()
+    second = ServerProcess("-c", str(root))
+    try:
+        await asyncio.to_thread(second.wait_for, "1 message(s) queued")
+        shown = await asyncio.to_thread(harakapy, "queue", "show", flagged, "-c", str(root))
+        assert "REQUIRETLS: yes" in shown.stdout
+    finally:
+        second.stop()
 
 
 @pytest.mark.parametrize(("header", "optional"), [
@@ -440,3 +461,20 @@ async def test_a_notice_about_tls_required_no_mail_says_it_too(sts_world):
     assert mx.messages == []
     head = home.messages[0].data.split(b"\r\n\r\n", 1)[0]
     assert b"\r\nTLS-Required: No\r\n" in head + b"\r\n"
+
+
+async def test_no_plugin_answer_lowers_what_requiretls_demands(sts_world):
+    world = await start(sts_world, plugins="flag\nrelay\ntls_require\nmta_sts\nrecorder\n")
+    (world.env.hp.root / "config" / "tls_policy").write_text("a.test none\n")
+    assert await world.env.hp.server.reload()
+    world.domain("a.test")
+    mx = await world.mx(MX_IP, "mx.a.test", **OFFERS)
+    await world.env.send("carol@a.test")
+    await eventually(lambda: mx.messages)
+    assert not mx.messages[0].tls  # the table's "none", for mail that did not ask
+    # The table answered first, and MTA-STS still vouches for the MX; the level is verify.
+    await world.env.send("bob@a.test", sender="rt@b.test")
+    await eventually(lambda: len(mx.messages) == 2)
+    assert mx.messages[1].tls and "REQUIRETLS" in mx.messages[1].mail_options
+    (result,) = world.env.captured("tls_result")
+    assert result.level == "verify" and result.decided_by == "tls_require"
