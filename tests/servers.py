@@ -84,6 +84,10 @@ class ReceivingMTA:
                 envelope.rcpt_tos.append(address)
                 return "250 2.1.5 OK"
 
+            async def handle_QUIT(self, server, session, envelope):
+                mta.commands.append("QUIT")
+                return "221 Bye"
+
             async def handle_DATA(self, server, session: Session, envelope: Envelope):
                 if mta.data_delay:
                     await asyncio.sleep(mta.data_delay)  # a receiver that takes its time

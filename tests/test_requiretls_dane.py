@@ -21,6 +21,12 @@ def signed(name: str, ip: str = MX_IP, extra: str = ""):
         zone("b.test", MX2_IP)
 
 
+async def _home(world):
+    """The sender's MX, for the notices."""
+    return await world.env.mta(MX2_IP, cert=world.env.certs.files("home", "mx.b.test"),
+                               **OFFERS)
+
+
 async def start(dane_world, zone_of, **options):
     return await dane_world(zone_of, plugins=PLUGINS, plugin_files={"flag": FLAG}, **options)
 
@@ -52,9 +58,11 @@ async def test_a_self_signed_certificate_without_tlsa_is_not_enough(dane_world, 
     cert = self_signed(tmp_path, "mx.a.test")
     world = await start(dane_world, signed("a.test"))
     mx = await world.mx(MX_IP, cert, **OFFERS)
+    home = await _home(world)
     await world.env.send("bob@a.test", sender="rt@b.test")
-    await eventually(world.env.deferral_recorded)
+    await eventually(lambda: home.messages)
     assert mx.messages == [] and not any(c.startswith("MAIL") for c in mx.commands)
+    assert dsn_status(home.messages[0].data) == ["5.7.10"]
     # Unflagged mail to the same MX goes at may, as the destination asks.
     await world.env.send("carol@a.test")
     await eventually(lambda: mx.messages)
@@ -66,9 +74,10 @@ async def test_tlsa_records_none_of_them_usable_do_not_satisfy_requiretls(dane_w
     world = await start(dane_world, signed("a.test", extra=lambda port: (
         f"{tlsa_name('mx.a.test', port)} TLSA 1 1 1 {'ab' * 32}\n")))
     mx = await world.mx(MX_IP, cert, **OFFERS)
+    home = await _home(world)
     await world.env.send("bob@a.test", sender="rt@b.test")
-    await eventually(world.env.deferral_recorded)
-    assert mx.connections == 0
+    await eventually(lambda: home.messages)
+    assert mx.connections == 0 and dsn_status(home.messages[0].data) == ["5.7.10"]
 
 
 async def test_an_insecure_mx_rrset_without_mta_sts_bounces_at_once(dane_world):
@@ -76,8 +85,7 @@ async def test_an_insecure_mx_rrset_without_mta_sts_bounces_at_once(dane_world):
                         insecure={"plain.test": zone("a.plain.test")})
     mx = await world.env.mta(MX_IP, cert=world.env.certs.files("mx", "mx.a.plain.test"),
                              **OFFERS)
-    home = await world.env.mta(MX2_IP, cert=world.env.certs.files("home", "mx.b.test"),
-                               **OFFERS)
+    home = await _home(world)
     await world.env.send("bob@a.plain.test", sender="rt@b.test")
     await eventually(lambda: home.messages)
     assert mx.connections == 0

@@ -203,7 +203,10 @@ class Delivery:
             except TlsFailure as exc:
                 outcome.errors.append(f"{host.hostname}: {exc.status} {exc.reason}")
                 outcome.tls_status, outcome.tls_failure = exc.status, exc.failure
-                temporary = True
+                if exc.final:
+                    capability = exc.status, f"{host.hostname}: {exc.reason}"
+                else:
+                    temporary = True
                 continue
             try:
                 addresses = await self.addresses(host)

@@ -36,20 +36,23 @@ class TlsFailure(SessionError):
 
     :ivar failure: The RFC 8460 failure.
     :ivar status: RFC 3463 status for the deferral: 4.7.4 when TLS was not offered
-        (Postfix's choice), 4.7.5 for every other TLS failure; for a REQUIRETLS message
-        4.7.10, and 5.7.30 when the server does not offer REQUIRETLS.
-    :ivar final: Waiting cannot help with this MX (it does not offer REQUIRETLS).
+        (Postfix's choice), 4.7.5 for every other TLS failure. For a REQUIRETLS message
+        (``requiretls``) the failure is final for this MX, as Postfix and mox have it:
+        5.7.30 when the server does not offer REQUIRETLS (``not_offered``), 5.7.10 when
+        no validated TLS could be had; a DNSSEC lookup that failed stays 4.7.5.
+    :ivar final: Waiting cannot help with this MX: the next one, or a notice.
     """
 
     def __init__(self, failure: Failure, *, requiretls: bool = False,
-                 final: bool = False) -> None:
+                 not_offered: bool = False) -> None:
         super().__init__("tls-policy", failure.reason)
         self.failure = failure
-        self.final = final
-        if final:
+        self.final = not_offered or (requiretls and
+                                     failure.result_type is not ResultType.DNSSEC_INVALID)
+        if not_offered:
             self.status = "5.7.30"
-        elif requiretls:
-            self.status = "4.7.10"
+        elif self.final:
+            self.status = "5.7.10"
         else:
             self.status = ("4.7.4" if failure.result_type is
                            ResultType.STARTTLS_NOT_SUPPORTED else "4.7.5")
@@ -280,7 +283,7 @@ class Negotiator:
             raise TlsFailure(Failure(ResultType.VALIDATION_FAILURE,
                                      f"REQUIRETLS: {plan.host.hostname} does not offer "
                                      f"{', '.join(missing)} after STARTTLS",
-                                     "requiretls-not-offered"), final=True)
+                                     "requiretls-not-offered"), not_offered=True)
         if missing and failure is None:
             failure = Failure(ResultType.VALIDATION_FAILURE,
                               f"the server does not offer {', '.join(missing)} after "

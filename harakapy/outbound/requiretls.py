@@ -12,10 +12,15 @@ Rules (../shared/specs/requiretls.md; docs/requiretls.md for operators):
    host); ``secure`` and DANE stand where they apply. It is enforced, needs
    ``REQUIRETLS`` in the EHLO reply after STARTTLS, and passes it on ``MAIL FROM``. No
    plugin's answer lowers it: this runs after them all.
-3. Routed to a loopback address or ``localhost`` (a backend on this machine, as
+3. A host that cannot give validated TLS with REQUIRETLS (no STARTTLS, a failed
+   handshake or certificate, no ``REQUIRETLS`` after STARTTLS) gets QUIT and the next
+   host is tried; when none is left the sender gets a notice at once (5.7.10, or 5.7.30
+   for REQUIRETLS not offered), as Postfix and mox do. Hosts that cannot be reached and
+   DNS failures are retried, as for any mail.
+4. Routed to a loopback address or ``localhost`` (a backend on this machine, as
    ``queue/smtp_forward`` has it), the mail never leaves the host: exempt, unless
    ``[main] loopback = enforce``.
-4. ``TLS-Required: No`` (every such header field, and no REQUIRETLS): the recipients'
+5. ``TLS-Required: No`` (every such header field, and no REQUIRETLS): the recipients'
    own policies (MTA-STS and DANE, policy types ``sts`` and ``tlsa``) only report for
    this message, which goes on with opportunistic TLS; the operator's ``tls_policy``
    and ``tls_pin`` entries stand unless ``operator_policy = relax``. Off with
@@ -54,9 +59,9 @@ class RequireTlsSettings:
     """``config/requiretls.ini``.
 
     :ivar offer: List ``REQUIRETLS`` in the EHLO reply of TLS sessions.
-    :ivar loopback_exempt: Rule 3.
-    :ivar honour_opt_out: Rule 4 at all.
-    :ivar relax_operator: Rule 4 also for the operator's own entries (Postfix does).
+    :ivar loopback_exempt: Rule 4.
+    :ivar honour_opt_out: Rule 5 at all.
+    :ivar relax_operator: Rule 5 also for the operator's own entries (Postfix does).
     :ivar redact_notices: A notice about a REQUIRETLS message that cannot go back with
         REQUIRETLS is sent once more without it and without the original header; else
         it is dropped (logged).
@@ -125,7 +130,7 @@ def opts_out(message: bytes) -> bool:
 async def routes(hooks: HookCaller, config: Config, resolver: Resolver, domain: str,
                  hosts: list[MxHost], *, routed: bool, message: QueuedMessage
                  ) -> list[Route]:
-    """Each host with the policy it must meet for ``message`` (rules 1 to 4).
+    """Each host with the policy it must meet for ``message`` (rules 1, 2, 4 and 5).
 
     :raises PolicyLookupError: a plugin failed, or the MX records' DNSSEC state is not
         known: the mail waits.
@@ -134,6 +139,8 @@ async def routes(hooks: HookCaller, config: Config, resolver: Resolver, domain: 
     settings = requiretls_settings(config)
     if message.requiretls:
         if routed and settings.loopback_exempt and all(_on_this_host(h) for h in hosts):
+            log.info("%s: REQUIRETLS: routed to this machine (%s): exempt", message.id,
+                     ", ".join(h.hostname for h in hosts))
             return await routes_for(hooks, config, domain, hosts, routed=True,
                                     message=message)
         return await _required(hooks, config, resolver, domain, hosts, routed=routed,
@@ -227,7 +234,7 @@ def _on_this_host(host: MxHost) -> bool:
         return False
 
 
-# -- TLS-Required: No ------------------------------------------------------------------------
+# -- TLS-Required: No (rule 5) -------------------------------------------------------------
 
 
 async def _opted_out(hooks: HookCaller, config: Config, domain: str, hosts: list[MxHost],
@@ -249,7 +256,7 @@ async def _opted_out(hooks: HookCaller, config: Config, domain: str, hosts: list
 
 
 def relaxed(policy: Policy, waived: str, *, operator: bool) -> Policy:
-    """Rule 4: ``policy`` as report-only, when it is the recipient's (or ``operator``)."""
+    """Rule 5: ``policy`` as report-only, when it is the recipient's (or ``operator``)."""
     fallback = relaxed(policy.fallback, waived, operator=operator) \
         if policy.fallback is not None else None
     if policy.source.type not in RECIPIENT_POLICIES and not operator:
