@@ -7,7 +7,7 @@ the reason so the reply can say what was wrong.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class AddressError(ValueError):
@@ -24,6 +24,8 @@ class Address:
 
     local: str
     domain: str
+    # The path began with a source route (<@a,@b:u@d>); not part of the address.
+    source_routed: bool = field(default=False, compare=False)
 
     @property
     def is_null(self) -> bool:
@@ -86,8 +88,11 @@ def parse_path(text: str, *, allow_null: bool, smtputf8: bool) -> tuple[Address,
     if not ascii_only and any(0xD800 <= ord(c) <= 0xDFFF for c in path):
         # aiosmtpd keeps undecodable bytes as lone surrogates: not UTF-8, not an address.
         raise AddressError("address is not valid UTF-8")
-    if path[:1] == "@":
+    routed = path[:1] == "@"
+    if routed:
         path = _ROUTE.sub("", path, count=1)  # RFC 5321 4.1.2: source routes are ignored
+    if path.endswith(".") and not path.endswith("]."):
+        path = path[:-1]  # a fully qualified "example.com." is example.com
     match = _MAILBOX.match(path)
     if match is None:
         raise AddressError(f"malformed address <{path}>")
@@ -96,7 +101,15 @@ def parse_path(text: str, *, allow_null: bool, smtputf8: bool) -> tuple[Address,
         raise AddressError("local part too long")
     if len(domain.encode()) > MAX_DOMAIN:
         raise AddressError("domain too long")
-    return Address(local, domain.lower()), rest.strip()
+    return Address(local, domain.lower(), routed), rest.strip()
+
+
+def routes_through(address: Address) -> bool:
+    """Whether the sender asks for routing beyond this address (RFC 5321 3.6.1 calls it
+    deprecated): a source route, or a local part that names another host with ``%``,
+    ``!`` or a quoted ``@``, which a mail store behind us might still honour."""
+    local = address.local[1:-1] if address.local.startswith('"') else address.local
+    return address.source_routed or any(c in local for c in "%!@")
 
 
 def parse_params(text: str) -> dict[str, str | bool]:

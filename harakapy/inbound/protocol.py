@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr, login_always_fail
 
-from harakapy.inbound.address import Address, AddressError, parse_params, parse_path
+from harakapy.inbound.address import (
+    Address,
+    AddressError,
+    parse_params,
+    parse_path,
+    routes_through,
+)
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction
 from harakapy.inbound.data import MAX_TEXT_LINE, TERMINATOR, decode, too_big
 from harakapy.inbound.received import count_received, received_header
@@ -577,6 +583,21 @@ class SmtpProtocol(SMTP):
         if refused is not None:
             connection.transaction = None
 
+    def _postmaster(self, arg: str | None) -> tuple[Address, dict[str, str | bool]] | None:
+        """``RCPT TO:<postmaster>`` in any case (RFC 5321 4.5.1), as the address of
+        ``[main] postmaster``; ``None`` for any other recipient."""
+        text = _after_keyword(arg, "TO:")
+        if text is None or text[:12].lower() != "<postmaster>" or text[12:13] not in ("", " "):
+            return None
+        try:
+            params = parse_params(text[12:]) if self.connection and self.connection.esmtp \
+                else {}
+        except AddressError:
+            return None  # the normal parse says what is wrong
+        target = self.server.settings.postmaster or f"postmaster@{self.hostname}"
+        local, _, domain = target.rpartition("@")
+        return Address(local, domain.lower()), params
+
     async def _read_path(self, arg: str | None, command: str, *, allow_null: bool,
                          smtputf8: bool) -> tuple[Address, dict[str, str | bool]] | None:
         """The path and parameters of MAIL or RCPT, or ``None`` after replying 501."""
@@ -640,8 +661,9 @@ class SmtpProtocol(SMTP):
         if transaction is None:
             await self.push("503 5.5.1 Need MAIL command")
             return
-        parsed = await self._read_path(arg, "RCPT TO:", allow_null=False,
-                                       smtputf8=transaction.smtputf8)
+        postmaster = self._postmaster(arg)
+        parsed = postmaster or await self._read_path(arg, "RCPT TO:", allow_null=False,
+                                                     smtputf8=transaction.smtputf8)
         if parsed is None:
             return
         recipient, params = parsed
@@ -650,6 +672,18 @@ class SmtpProtocol(SMTP):
             return
         if len(transaction.recipients) >= self.server.settings.max_recipients:
             await self.push("452 4.5.3 Too many recipients")
+            return
+        if postmaster is not None:
+            # RFC 5321 4.5.1: accepted from anyone, whatever the plugins would say.
+            transaction.recipients.append(recipient)
+            log.info("%s rcpt <postmaster> accepted as %s", connection.id, recipient)
+            await self._push_raw("250 2.1.5 Ok")
+            return
+        if routes_through(recipient) and not connection.relaying and \
+                not self.server.settings.allow_untrusted_routing:
+            log.info("%s rcpt %s refused: sender-specified routing", connection.id, recipient)
+            await self.push("550 5.7.1 Sender-specified routing is not allowed "
+                            "(allow_untrusted_routing)")
             return
         result = await self.server.plugins.call_first(
             "rcpt", connection=connection, transaction=transaction, recipient=recipient,

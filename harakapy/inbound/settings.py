@@ -57,6 +57,8 @@ class InboundSettings:
     plugin_timeout: float
     shutdown_grace: float
     workers: int
+    postmaster: str = ""
+    allow_untrusted_routing: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> InboundSettings:
@@ -79,7 +81,26 @@ class InboundSettings:
             plugin_timeout=ini.get_float("main", "plugin_timeout", 30.0, minimum=0.01),
             shutdown_grace=ini.get_float("main", "shutdown_grace", 30.0, minimum=0.0),
             workers=ini.get_int("main", "workers", 0, minimum=0) or _cores(),
+            postmaster=_postmaster(ini),
+            allow_untrusted_routing=ini.get_bool("main", "allow_untrusted_routing", False),
         )
+
+
+def _postmaster(ini: IniFile) -> str:
+    """``[main] postmaster``: where ``RCPT TO:<postmaster>`` goes; empty for
+    ``postmaster@`` this host's name (``config/me``)."""
+    from harakapy.inbound.address import AddressError, parse_path
+
+    value = ini.get_str("main", "postmaster").strip()
+    if not value:
+        return ""
+    try:
+        address, rest = parse_path(f"<{value.strip('<>')}>", allow_null=False, smtputf8=True)
+    except AddressError as exc:
+        raise ini.error("main", "postmaster", f"{value!r}: {exc}") from None
+    if rest:
+        raise ini.error("main", "postmaster", f"{value!r} is not one address")
+    return address.address
 
 
 def _cores() -> int:
