@@ -154,11 +154,14 @@ class MailServer:
         if self.outbound is None:
             raise SpoolError("the outbound queue is not running in this command")
         assert transaction.message is not None
+        addresses = [r.address for r in transaction.recipients]
+        params = [transaction.rcpt_params.get(a, {}) for a in addresses]
         return await self.outbound.submit(
-            transaction.sender.address, [r.address for r in transaction.recipients],
-            transaction.message, id=transaction.id, smtputf8=transaction.smtputf8,
-            body_8bit=transaction.body_8bit, requiretls=transaction.requiretls,
-            client=transaction.id)
+            transaction.sender.address, addresses, transaction.message, id=transaction.id,
+            smtputf8=transaction.smtputf8, body_8bit=transaction.body_8bit,
+            requiretls=transaction.requiretls, ret=transaction.ret, envid=transaction.envid,
+            notify=[p.get("NOTIFY", "") for p in params],
+            orcpt=[p.get("ORCPT", "") for p in params], client=transaction.id)
 
     async def _prepare(self, state: _State, hook: str) -> _State:
         # The plugins of ``state`` judge its config before it takes over: their views

@@ -77,7 +77,7 @@ class ReceivingMTA:
                 return "250 2.1.0 OK"
 
             async def handle_RCPT(self, server, session, envelope, address, options):
-                mta.commands.append(f"RCPT {address}")
+                mta.commands.append(" ".join([f"RCPT {address}", *options]))
                 reply = mta.rcpt_reply(address)
                 if reply is not None:
                     return reply

@@ -34,6 +34,8 @@ class Transaction:
     :ivar requiretls: Deliver only over validated TLS to servers that offer REQUIRETLS
         (RFC 8689): set when the client sent ``MAIL FROM:<...> REQUIRETLS``; a plugin may
         set it too (in ``mail``, ``rcpt``, ``data`` or ``data_post``), never clear it.
+    :ivar rcpt_params: Each accepted recipient's DSN parameters (``NOTIFY``, ``ORCPT``),
+        by address; :meth:`add_recipient` keeps them.
     :ivar notes: Free for plugins.
     """
 
@@ -44,9 +46,28 @@ class Transaction:
     message: bytes | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     requiretls: bool = False
+    rcpt_params: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.requiretls = self.requiretls or self.mail_params.get("REQUIRETLS") is True
+
+    def add_recipient(self, recipient: Address, params: dict[str, str | bool] | None = None
+                      ) -> None:
+        """Accept ``recipient``, with its ``NOTIFY`` and ``ORCPT`` if it gave them."""
+        self.recipients.append(recipient)
+        kept = {k: v.upper() if k == "NOTIFY" else v for k, v in (params or {}).items()
+                if k in ("NOTIFY", "ORCPT") and isinstance(v, str)}
+        if kept:
+            self.rcpt_params[recipient.address] = kept
+
+    @property
+    def ret(self) -> str:
+        """``RET`` of ``MAIL FROM`` (``FULL``, ``HDRS``), upper-case; empty for none."""
+        return str(self.mail_params.get("RET", "")).upper()
+
+    @property
+    def envid(self) -> str:
+        return str(self.mail_params.get("ENVID", ""))
 
     @property
     def smtputf8(self) -> bool:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr, login_always_fail
 
+from harakapy import dsn
 from harakapy.inbound.address import (
     Address,
     AddressError,
@@ -44,9 +45,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("harakapy.inbound")
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
-# RFC 1870 (SIZE=), RFC 6152 (BODY=8BITMIME), RFC 6531 (SMTPUTF8) and RFC 8689 (REQUIRETLS)
-# each let MAIL FROM grow by their parameter.
-MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 14 + 10 + 11
+# RFC 1870 (SIZE=), RFC 6152 (BODY=8BITMIME), RFC 6531 (SMTPUTF8), RFC 8689 (REQUIRETLS) and
+# RFC 3461 (RET=, ENVID=) each let MAIL FROM grow by their parameter; RFC 3461 lets RCPT TO
+# grow by NOTIFY= and ORCPT=.
+MAX_MAIL_LINE = MAX_COMMAND_LINE + 26 + 14 + 10 + 11 + 9 + 7 + dsn.MAX_ENVID
+MAX_RCPT_LINE = MAX_COMMAND_LINE + 30 + 7 + dsn.MAX_ORCPT
 
 
 class InboundHost(Protocol):
@@ -133,7 +136,8 @@ class SmtpProtocol(SMTP):
         # per connection and fixed. aiosmtpd measures lines without their CRLF.
         self.command_size_limit = MAX_COMMAND_LINE - 2  # before EHLO and after HELO
         self.command_size_limits = collections.defaultdict(
-            lambda: MAX_COMMAND_LINE - 2, {"MAIL": MAX_MAIL_LINE - 2})
+            lambda: MAX_COMMAND_LINE - 2, {"MAIL": MAX_MAIL_LINE - 2,
+                                           "RCPT": MAX_RCPT_LINE - 2})
         self.server = server
         self.implicit_tls = implicit_tls
         self.connection: Connection | None = None
@@ -396,7 +400,7 @@ class SmtpProtocol(SMTP):
         lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME"]
         if self.enable_SMTPUTF8:
             lines.append("SMTPUTF8")
-        lines.append("ENHANCEDSTATUSCODES")
+        lines += ["DSN", "ENHANCEDSTATUSCODES"]
         if self.tls_context is not None and connection.tls is None:
             lines.append("STARTTLS")
         if connection.tls is not None and self.server.plugins.has("auth"):
@@ -634,6 +638,10 @@ class SmtpProtocol(SMTP):
                     return "501 5.5.4 SMTPUTF8 takes no value"
                 if not self.enable_SMTPUTF8:
                     return "555 5.5.4 SMTPUTF8 not supported"
+            elif name in ("RET", "ENVID"):
+                problem = dsn.check_mail_param(name, value)
+                if problem is not None:
+                    return problem
             elif name == "REQUIRETLS":
                 problem = self._check_requiretls(value)
                 if problem is not None:
@@ -667,15 +675,18 @@ class SmtpProtocol(SMTP):
         if parsed is None:
             return
         recipient, params = parsed
-        if params:
-            await self.push(f"555 5.5.4 RCPT parameter {next(iter(params))} not supported")
-            return
+        for name, value in params.items():
+            problem = (dsn.check_rcpt_param(name, value) if name in ("NOTIFY", "ORCPT")
+                       else f"555 5.5.4 RCPT parameter {name} not supported")
+            if problem is not None:
+                await self.push(problem)
+                return
         if len(transaction.recipients) >= self.server.settings.max_recipients:
             await self.push("452 4.5.3 Too many recipients")
             return
         if postmaster is not None:
             # RFC 5321 4.5.1: accepted from anyone, whatever the plugins would say.
-            transaction.recipients.append(recipient)
+            transaction.add_recipient(recipient, params)
             log.info("%s rcpt <postmaster> accepted as %s", connection.id, recipient)
             await self._push_raw("250 2.1.5 Ok")
             return
@@ -689,7 +700,7 @@ class SmtpProtocol(SMTP):
             "rcpt", connection=connection, transaction=transaction, recipient=recipient,
             params=params)
         if isinstance(result, Result) and result.is_ok:
-            transaction.recipients.append(recipient)
+            transaction.add_recipient(recipient, params)
             await self._push_raw(reply_for(result, default_message="Ok",
                                            default_enhanced="2.1.5"))
             return

@@ -13,18 +13,20 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
+from harakapy.dsn import xtext_decode
 from harakapy.spool.store import QueuedMessage
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One recipient's line in a DSN.
+    """One recipient's line in a DSN (a success too, for a ``relayed`` notice).
 
     :param recipient: The forward path.
     :param status: RFC 3463 code, e.g. ``5.1.1``.
     :param diagnostic: The remote server's reply (``smtp; 550 5.1.1 ...``) or our reason.
     :param remote_mta: The host that answered, if one did.
     :param remote: Whether ``diagnostic`` is a remote server's reply.
+    :param orcpt: The recipient's RFC 3461 ``ORCPT`` (``rfc822;xtext``), if it gave one.
     """
 
     recipient: str
@@ -32,37 +34,45 @@ class Failure:
     diagnostic: str
     remote_mta: str = ""
     remote: bool = False
+    orcpt: str = ""
 
 
 def _fold(text: str) -> str:
     return " ".join(text.split())[:900]
 
 
+FAILED, DELAYED, RELAYED = "failed", "delayed", "relayed"
+_SUBJECTS = {FAILED: "Undelivered Mail Returned to Sender",
+             DELAYED: "Delayed Mail (still being retried)",
+             RELAYED: "Successful Mail Delivery Report"}
+_EXPLAINED = {
+    FAILED: "I'm sorry to have to inform you that your message could not be delivered to "
+            "one or more recipients. It's attached below.",
+    DELAYED: "Your message could not be delivered yet to the recipients below. It is "
+             "still in the queue and will be tried again.",
+    RELAYED: "Your message was handed to the recipients' mail servers below, which do not "
+             "offer delivery status notifications: this is the last report you will get "
+             "about them, as you asked with NOTIFY=SUCCESS.",
+}
+
+
 def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
               delayed: bool = False, retry_until: float | None = None,
-              now: float | None = None) -> bytes:
+              now: float | None = None, action: str = "") -> bytes:
     """The DSN for ``failures`` of ``message``, as bytes with CRLF line ends.
 
     :param me: Our host name (Reporting-MTA, From: MAILER-DAEMON@me).
     :param delayed: A delay warning (Action: delayed) instead of a bounce (Action: failed).
     :param retry_until: For a delay warning, when we give up (Will-Retry-Until).
+    :param action: ``relayed`` for a success notice (RFC 3461 NOTIFY=SUCCESS to a server
+        without DSN); by default ``failed``, or ``delayed`` with ``delayed``.
     """
+    action = action or (DELAYED if delayed else FAILED)
     boundary = f"=_harakapy_{os.urandom(8).hex()}"
     date = formatdate(now, usegmt=True)
     utf8 = message.smtputf8
-    action = "delayed" if delayed else "failed"
-    subject = ("Delayed Mail (still being retried)" if delayed
-               else "Undelivered Mail Returned to Sender")
 
-    human = [
-        f"This is the mail system at host {me}.",
-        "",
-        ("Your message could not be delivered yet to the recipients below. It is still in "
-         "the queue and will be tried again." if delayed else
-         "I'm sorry to have to inform you that your message could not be delivered to one "
-         "or more recipients. It's attached below."),
-        "",
-    ]
+    human = [f"This is the mail system at host {me}.", "", _EXPLAINED[action], ""]
     for failure in failures:
         human.append(f"<{failure.recipient}>: {_fold(failure.diagnostic)}")
         if failure.remote_mta:
@@ -71,11 +81,18 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
 
     per_message = [f"Reporting-MTA: dns; {me}", f"X-Harakapy-Queue-ID: {message.id}",
                    f"Arrival-Date: {formatdate(message.arrival, usegmt=True)}"]
+    if message.envid:
+        # RFC 3464 2.2.1: the sender's ENVID, xtext-decoded.
+        per_message.insert(0, f"Original-Envelope-Id: {_fold(xtext_decode(message.envid))}")
     per_recipient = []
     for failure in failures:
         kind = "utf-8" if utf8 and not failure.recipient.isascii() else "rfc822"
+        original = f"{kind}; {failure.recipient}"
+        if failure.orcpt:
+            address_type, _, address = failure.orcpt.partition(";")
+            original = f"{address_type}; {_fold(xtext_decode(address))}"
         block = [f"Final-Recipient: {kind}; {failure.recipient}",
-                 f"Original-Recipient: {kind}; {failure.recipient}",
+                 f"Original-Recipient: {original}",
                  f"Action: {action}", f"Status: {failure.status}"]
         if failure.remote_mta:
             block.append(f"Remote-MTA: dns; {failure.remote_mta}")
@@ -83,14 +100,16 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
             kind = "smtp" if failure.remote else "x-harakapy"
             block.append(f"Diagnostic-Code: {kind}; {_fold(failure.diagnostic)}")
         block.append(f"Last-Attempt-Date: {date}")
-        if delayed and retry_until is not None:
+        if action == DELAYED and retry_until is not None:
             block.append(f"Will-Retry-Until: {formatdate(retry_until, usegmt=True)}")
         per_recipient.append("\r\n".join(block))
 
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    # The original goes back whole for a bounce; a delay warning only needs its header,
-    # and so does any notice about a REQUIRETLS message (RFC 8689 5: as if RET=HDRS).
-    headers_only = delayed or message.requiretls
+    # A bounce returns the original whole unless the sender asked for its header only
+    # (RFC 3461 RET=HDRS); a delay warning or success notice needs no more than the
+    # header, and nor does any notice about a REQUIRETLS message (RFC 8689 5, whatever
+    # RET says).
+    headers_only = action != FAILED or message.ret == "HDRS" or message.requiretls
     if headers_only:
         original_type = "message/global-headers" if utf8 else "text/rfc822-headers"
         original = message.read_headers()
@@ -101,7 +120,7 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
     head = "\r\n".join([
         f"From: MAILER-DAEMON@{me} (Mail Delivery System)",
         f"To: <{message.sender}>",
-        f"Subject: {subject}",
+        f"Subject: {_SUBJECTS[action]}",
         f"Date: {date}",
         f"Message-ID: {make_msgid(domain=me)}",
         "Auto-Submitted: auto-replied",
@@ -127,8 +146,7 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
         "\r\n\r\n".join(per_recipient),
         "",
         f"--{boundary}",
-        "Content-Description: Undelivered " + ("message header" if headers_only
-                                               else "message"),
+        "Content-Description: Undelivered message" + (" header" if headers_only else ""),
         f"Content-Type: {original_type}",
         "",
         "",

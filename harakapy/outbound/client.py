@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -373,7 +374,8 @@ class SmtpSession:
     # -- one transaction ----------------------------------------------------------------
 
     async def send(self, sender: str, recipients: list[str], message: bytes, *,
-                   mail_params: list[str] = ()) -> TransactionResult:
+                   mail_params: Sequence[str] = (),
+                   rcpt_params: Sequence[Sequence[str]] = ()) -> TransactionResult:
         """One transaction. Pipelined when the server offers PIPELINING (RFC 2920).
 
         Every argument is checked before the first byte is written. An address that holds
@@ -382,6 +384,8 @@ class SmtpSession:
         that reply), a recipient with ``501 5.1.3`` (the others go on). Such an address
         can never be sent, so it bounces rather than waits.
 
+        :param rcpt_params: Parameters of each recipient's ``RCPT TO`` (DSN's ``NOTIFY``
+            and ``ORCPT``), in order; none for a recipient past its end.
         :returns: the replies; a refusal of MAIL or of every recipient is a result, not an
             exception.
         :raises LocalArgumentError: a MAIL parameter holds CR, LF or NUL; nothing of the
@@ -395,6 +399,11 @@ class SmtpSession:
             return TransactionResult(refusal, [refusal] * len(recipients))
         for param in mail_params:
             _check_argument(Stage.MAIL, "MAIL FROM", "parameter", param)
+        for params in rcpt_params:
+            for param in params:
+                _check_argument(Stage.RCPT, "RCPT TO", "parameter", param)
+        extra = [list(rcpt_params[i]) if i < len(rcpt_params) else []
+                 for i in range(len(recipients))]
         refused: dict[int, Reply] = {}
         for index, recipient in enumerate(recipients):
             try:
@@ -407,13 +416,16 @@ class SmtpSession:
                 nothing = Reply(554, "5.5.1 no recipient address could be sent; "
                                      "MAIL FROM not sent", local=True)
                 return TransactionResult(nothing, [refused[i] for i in range(len(recipients))])
-            result = await self.send(sender, sendable, message, mail_params=mail_params)
+            result = await self.send(sender, sendable, message, mail_params=mail_params,
+                                     rcpt_params=[p for i, p in enumerate(extra)
+                                                  if i not in refused])
             replies = iter(result.recipients)
             result.recipients = [refused[i] if i in refused else next(replies)
                                  for i in range(len(recipients))]
             return result
         mail_line = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in mail_params)
-        rcpt_lines = [f"RCPT TO:<{r}>" for r in recipients]
+        rcpt_lines = [f"RCPT TO:<{r}>" + "".join(f" {p}" for p in params)
+                      for r, params in zip(recipients, extra, strict=True)]
         if self.supports("PIPELINING"):
             batch = [mail_line, *rcpt_lines, "DATA"]
             await self._send(Stage.MAIL, "".join(f"{line}\r\n" for line in batch).encode())

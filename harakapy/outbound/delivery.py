@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 from harakapy.dns import DnsError, NoSuchDomain, Resolver
+from harakapy.dsn import DsnRequest
 from harakapy.outbound.client import Reply, SessionError, SmtpSession, Stage
 from harakapy.outbound.mx import MxHost
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
@@ -36,6 +37,7 @@ class RecipientResult:
     enhanced: str
     mx: str = ""
     remote: bool = False
+    dsn_passed: bool = False  # delivered to a server that took our DSN parameters
 
 
 @dataclass(slots=True)
@@ -177,7 +179,8 @@ class Delivery:
         return session, key, False
 
     async def attempt(self, routes: list[Route], sender: str, recipients: list[str],
-                      message: bytes, *, smtputf8: bool) -> Outcome:
+                      message: bytes, *, smtputf8: bool, dsn: DsnRequest | None = None
+                      ) -> Outcome:
         """Try the hosts in order, each under its TLS policy, until one takes a decision
         on every recipient.
 
@@ -223,7 +226,7 @@ class Delivery:
             for ip in addresses:
                 status = await self._attempt_at(plan, ip, sender, recipients, message,
                                                 smtputf8=needs_utf8, eight_bit=eight_bit,
-                                                outcome=outcome)
+                                                outcome=outcome, dsn=dsn)
                 if status == "done":
                     return outcome
                 if isinstance(status, tuple):
@@ -242,7 +245,8 @@ class Delivery:
 
     async def _attempt_at(self, plan: HostPlan, ip: str, sender: str, recipients: list[str],
                           message: bytes, *, smtputf8: bool, eight_bit: bool,
-                          outcome: Outcome, fresh: bool = False) -> str | tuple[str, str]:
+                          outcome: Outcome, fresh: bool = False,
+                          dsn: DsnRequest | None = None) -> str | tuple[str, str]:
         """One session: ``"done"``, ``"failed"``, or ``(status, reason)`` when this host
         cannot carry the message."""
         host = plan.host
@@ -279,15 +283,23 @@ class Delivery:
             params.append("SMTPUTF8")
         if session.ssl_object is not None:  # never on a session that is not protected
             params += plan.policy.mail_parameters
+        # RFC 3461 5.2: to a server that offers DSN, the sender's wishes go along and the
+        # server answers for them; to one that does not, we do (a "relayed" notice).
+        dsn_passed = dsn is not None and session.supports("DSN")
+        rcpt_params: list[list[str]] = []
+        if dsn_passed:
+            params += dsn.mail_params()
+            rcpt_params = [dsn.rcpt_params(i) for i in range(len(recipients))]
         try:
-            result = await session.send(sender, recipients, message, mail_params=params)
+            result = await session.send(sender, recipients, message, mail_params=params,
+                                        rcpt_params=rcpt_params)
         except SessionError as exc:
             session.abort()
             if pooled:
                 # The server closed an idle session we kept: not the host's fault.
                 return await self._attempt_at(plan, ip, sender, recipients, message,
                                               smtputf8=smtputf8, eight_bit=eight_bit,
-                                              outcome=outcome, fresh=True)
+                                              outcome=outcome, fresh=True, dsn=dsn)
             outcome.errors.append(f"{where}: {exc.reason}")
             log.info("delivery to %s broke off: %s", where, exc.reason)
             return "failed"
@@ -304,7 +316,8 @@ class Delivery:
                 state, default = RecipientState.BOUNCED, "5.0.0"
             outcome.results.append(RecipientResult(index, state, str(reply),
                                                    _enhanced(reply, default), host.hostname,
-                                                   remote=not reply.local))
+                                                   remote=not reply.local,
+                                                   dsn_passed=dsn_passed))
         outcome.requiretls_met = plan.policy.requiretls
         await self.pool.give_back(key, session)
         return "done"

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from harakapy.clock import Clock
 from harakapy.dns import Resolver
+from harakapy.dsn import DELAY, FAILURE, NEVER, SUCCESS, DsnRequest, wants
 from harakapy.outbound.bounce import Failure, build_dsn, redact_notice
 from harakapy.outbound.delivery import Delivery, Outcome, RecipientResult
 from harakapy.outbound.mx import MxError, MxHost, next_hops
@@ -231,8 +232,9 @@ class OutboundQueue:
 
     async def submit(self, sender: str, recipients: list[str], message: bytes, *,
                      id: str | None = None, smtputf8: bool | None = None,
-                     body_8bit: bool = False, requiretls: bool = False, client: str = ""
-                     ) -> QueuedMessage:
+                     body_8bit: bool = False, requiretls: bool = False, ret: str = "",
+                     envid: str = "", notify: list[str] | None = None,
+                     orcpt: list[str] | None = None, client: str = "") -> QueuedMessage:
         """Store a message durably and schedule its delivery.
 
         :param id: The queue id (a received message keeps its transaction's); a new one
@@ -240,6 +242,9 @@ class OutboundQueue:
         :param smtputf8: Whether delivery needs SMTPUTF8; ``None``: when an address is
             not ASCII.
         :param requiretls: Deliver it only as REQUIRETLS allows (RFC 8689).
+        :param ret: RFC 3461 ``RET``; ``envid`` its ``ENVID``.
+        :param notify: Each recipient's ``NOTIFY`` (RFC 3461), in order; ``orcpt`` its
+            ``ORCPT``.
         :param client: The inbound transaction it came from, for logs.
         :raises SpoolError: it could not be stored; a client must hear 4xx.
         :raises ValueError: no recipient, or an address with CR, LF or NUL (a plugin's
@@ -256,8 +261,9 @@ class OutboundQueue:
         queued = await self._in_thread(
             self.spool.accept, id=id or new_id(), sender=sender, recipients=recipients,
             message=message, smtputf8=smtputf8, body_8bit=body_8bit, requiretls=requiretls,
-            tls_optional=not requiretls and opts_out(message), client=client,
-            arrival=self.clock.time(), slot=self.slot)
+            tls_optional=not requiretls and opts_out(message), ret=ret, envid=envid,
+            notify=notify, orcpt=orcpt, client=client, arrival=self.clock.time(),
+            slot=self.slot)
         await self.server.plugins.call_all("init_outbound", message=queued)
         domains = queued.domains()
         if len(domains) == 1 and self._fresh_bytes + len(message) <= FRESH_BYTES:
@@ -448,7 +454,7 @@ class OutboundQueue:
             body = await self._in_thread(message.read)
         outcome = await self.delivery.attempt(
             routes, message.sender, [message.recipients[i].address for i in indexes], body,
-            smtputf8=message.smtputf8)
+            smtputf8=message.smtputf8, dsn=_dsn_request(message, indexes))
         if outcome.unreachable:
             # No host answered: other mail for the domain would only knock on the same
             # closed doors. It waits for this message's retry (Postfix does the same).
@@ -509,6 +515,7 @@ class OutboundQueue:
                 reply=delivered[0].reply), durable=True, settles=settles)
         if bounced:
             await self._bounce(message, bounced, settles=settles, marker=marker)
+        await self._notify_success(message, delivered)  # queued before the message goes
         if settles:
             await self._domain_done(message, job.domain)  # before the hooks hear (rule 2)
         for result in delivered:
@@ -553,16 +560,46 @@ class OutboundQueue:
         message.history.append(written)
         written.apply(message)
 
+    async def _notify_success(self, message: QueuedMessage,
+                              delivered: list[RecipientResult]) -> None:
+        """RFC 3461 NOTIFY=SUCCESS for recipients handed to a server without DSN: a
+        ``relayed`` notice from us (a server with DSN took the request along)."""
+        told = [r for r in delivered if not r.dsn_passed and not message.is_bounce
+                and wants(message.recipients[r.index].notify, SUCCESS)]
+        if not told:
+            return
+        notices = [Failure(message.recipients[r.index].address, "2.0.0", r.reply, r.mx,
+                           remote=True, orcpt=message.recipients[r.index].orcpt)
+                   for r in told]
+        dsn = await self._in_thread(build_dsn, message, notices, me=self.server.me,
+                                    action="relayed")
+        queued = await self._submit_notice(message, dsn)
+        log.info("%s success notice (NOTIFY=SUCCESS) queued as %s for <%s>", message.id,
+                 queued.id, message.sender)
+
+    async def _submit_notice(self, message: QueuedMessage, dsn: bytes) -> QueuedMessage:
+        # RFC 8689 5: a notice carries the original header, so it travels as the original
+        # did. NOTIFY=NEVER: no notice about a notice, wherever it goes.
+        return await self.submit("", [message.sender], dsn, requiretls=message.requiretls,
+                                 notify=[NEVER])
+
     async def _bounce(self, message: QueuedMessage, bounced: list[RecipientResult], *,
                       settles: bool = False, marker: str = "") -> None:
         failures = [Failure(message.recipients[r.index].address, r.enhanced or "5.0.0",
-                            r.reply, r.mx, r.remote) for r in bounced]
+                            r.reply, r.mx, r.remote, message.recipients[r.index].orcpt)
+                    for r in bounced]
         for failure in failures:
             log.info("%s bounced <%s>%s: %s %s", message.id, failure.recipient, marker,
                      failure.status, failure.diagnostic)
         recipients = [message.recipients[r.index] for r in bounced]
-        if not message.is_bounce:
-            dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me)
+        # RFC 3461 4.1: only recipients whose NOTIFY asks for failures (or who gave none).
+        told = [f for f, r in zip(failures, recipients, strict=True)
+                if wants(r.notify, FAILURE)]
+        if not message.is_bounce and not told:
+            log.info("%s no DSN: NOTIFY of the bounced recipients does not ask for one",
+                     message.id)
+        elif not message.is_bounce:
+            dsn = await self._in_thread(build_dsn, message, told, me=self.server.me)
             answer = await self.server.plugins.call_first(
                 "bounce", message=message, recipients=recipients, dsn=dsn)
             if isinstance(answer, bytes):
@@ -572,10 +609,7 @@ class OutboundQueue:
                 # own DSN, so the sender still hears of it.
                 answer = None
             if answer is None or isinstance(answer, bytes):
-                # RFC 8689 5: the notice carries the original header, so it travels as
-                # the original did.
-                queued = await self.submit("", [message.sender], dsn,
-                                           requiretls=message.requiretls)
+                queued = await self._submit_notice(message, dsn)
                 log.info("%s DSN queued as %s for <%s>", message.id, queued.id,
                          message.sender)
         elif message.requiretls and any(f.status.startswith("5.7.") for f in failures):
@@ -602,7 +636,8 @@ class OutboundQueue:
             log.error("%s: cannot read the notice to redact it: %s", notice.id, exc)
             return
         redacted = await self._in_thread(redact_notice, text, me=self.server.me)
-        queued = await self.submit("", [r.address for r in notice.recipients], redacted)
+        queued = await self.submit("", [r.address for r in notice.recipients], redacted,
+                                   notify=[NEVER] * len(notice.recipients))
         log.info("%s: a notice that could not be delivered with REQUIRETLS; sent again "
                  "without it and without the original header, as %s", notice.id, queued.id)
 
@@ -612,10 +647,13 @@ class OutboundQueue:
         if (not warning or message.warned or message.is_bounce
                 or self.clock.time() - message.arrival < warning):
             return
-        failures = [Failure(message.recipients[i].address, "4.4.7", why) for i in retry]
-        dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me,
-                                      delayed=True, retry_until=message.arrival + lifetime)
-        await self.submit("", [message.sender], dsn, requiretls=message.requiretls)
+        failures = [Failure(message.recipients[i].address, "4.4.7", why,
+                            orcpt=message.recipients[i].orcpt)
+                    for i in retry if wants(message.recipients[i].notify, DELAY)]
+        if failures:
+            dsn = await self._in_thread(build_dsn, message, failures, me=self.server.me,
+                                        delayed=True, retry_until=message.arrival + lifetime)
+            await self._submit_notice(message, dsn)
         await self._record(message, JournalEvent(warned=True), durable=True)
 
     async def _domain_done(self, message: QueuedMessage, domain: str) -> None:
@@ -650,3 +688,13 @@ def _requiretls_marker(message: QueuedMessage, outcome: Outcome) -> str:
         why = failure.code if failure.code == "requiretls-not-offered" else \
             failure.result_type.value
     return f" !requiretls:{why or 'not-delivered'}"
+
+
+def _dsn_request(message: QueuedMessage, indexes: list[int]) -> DsnRequest | None:
+    """The DSN parameters to pass on for these recipients; ``None`` when the sender gave
+    none (then none are sent)."""
+    recipients = [message.recipients[i] for i in indexes]
+    if not (message.ret or message.envid or any(r.notify or r.orcpt for r in recipients)):
+        return None
+    return DsnRequest(message.ret, message.envid, tuple(r.notify for r in recipients),
+                      tuple(r.orcpt for r in recipients))

@@ -28,8 +28,11 @@ def summary(message: QueuedMessage) -> dict[str, Any]:
         "sender": message.sender,
         "requiretls": message.requiretls,
         "tls_required_no": message.tls_optional,
+        "ret": message.ret,
+        "envid": message.envid,
         "recipients": [{"address": r.address, "state": r.state, "reply": r.reply,
-                        "mx": r.mx} for r in message.recipients],
+                        "mx": r.mx, "notify": r.notify, "orcpt": r.orcpt}
+                       for r in message.recipients],
         "next_attempt": {d: t for d, t in message.next_attempt.items()
                          if d in message.domains()},
         "attempts": message.attempts,
@@ -87,7 +90,8 @@ def format_show(message: QueuedMessage) -> str:
     for recipient in message.recipients:
         detail = f" via {recipient.mx}" if recipient.mx else ""
         reply = f": {recipient.reply}" if recipient.reply else ""
-        lines.append(f"  <{recipient.address}> {recipient.state}{detail}{reply}")
+        dsn = f" NOTIFY={recipient.notify}" if recipient.notify else ""
+        lines.append(f"  <{recipient.address}> {recipient.state}{detail}{dsn}{reply}")
     for domain in message.domains():
         next_at = message.next_attempt.get(domain)
         when = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(next_at)) + "Z"

@@ -67,6 +67,8 @@ class QueuedRecipient:
     reply: str = ""
     enhanced: str = ""
     mx: str = ""
+    notify: str = ""  # RFC 3461 NOTIFY, upper-case; empty: failures and delays are told
+    orcpt: str = ""  # RFC 3461 ORCPT as given (addr-type;xtext)
 
     @property
     def is_final(self) -> bool:
@@ -190,6 +192,8 @@ class QueuedMessage:
     body_8bit: bool = False
     requiretls: bool = False
     tls_optional: bool = False
+    ret: str = ""  # RFC 3461 RET: FULL, HDRS or empty
+    envid: str = ""  # RFC 3461 ENVID, xtext as given
     client: str = ""
     slot: int = 0
     path: Path | None = None
@@ -243,6 +247,15 @@ class QueuedMessage:
 _READ = os.O_RDONLY | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 _JOURNAL = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+def _recipients(envelope: dict[str, Any]) -> list[QueuedRecipient]:
+    addresses = envelope["recipients"]
+    notify = envelope.get("notify") or [""] * len(addresses)
+    orcpt = envelope.get("orcpt") or [""] * len(addresses)
+    return [QueuedRecipient(address, address.rpartition("@")[2].lower(),
+                            notify=str(n or ""), orcpt=str(o or ""))
+            for address, n, o in zip(addresses, notify, orcpt, strict=True)]
 
 
 def _read_from(fd: int, offset: int, expected: int) -> bytes:
@@ -357,8 +370,10 @@ class Spool:
 
     def accept(self, *, id: str, sender: str, recipients: list[str], message: bytes,
                smtputf8: bool = False, body_8bit: bool = False, requiretls: bool = False,
-               tls_optional: bool = False, client: str = "", arrival: float | None = None,
-               slot: int = 0) -> QueuedMessage:
+               tls_optional: bool = False, ret: str = "", envid: str = "",
+               notify: list[str] | None = None, orcpt: list[str] | None = None,
+               client: str = "", arrival: float | None = None, slot: int = 0
+               ) -> QueuedMessage:
         """Store a message durably; when this returns, it survives ``kill -9``.
 
         :param recipients: Forward paths (``local@domain``), in order.
@@ -376,6 +391,12 @@ class Spool:
             envelope["requiretls"] = True
         if tls_optional:
             envelope["tls_optional"] = True
+        for key, value in (("ret", ret), ("envid", envid)):
+            if value:
+                envelope[key] = value
+        for key, values in (("notify", notify), ("orcpt", orcpt)):
+            if values and any(values):
+                envelope[key] = list(values)  # by recipient, in order
         head = json.dumps(envelope, ensure_ascii=False).encode() + b"\n"
         final = self.msg_dir / id
         tmp = os.path.join(self.tmp_dir, tmp_name(slot, id))
@@ -397,11 +418,10 @@ class Spool:
                 os.unlink(tmp)
             raise SpoolError(f"cannot write {final}: {exc.strerror}") from exc
         return QueuedMessage(
-            id=id, sender=sender,
-            recipients=[QueuedRecipient(r, r.rpartition("@")[2].lower()) for r in recipients],
+            id=id, sender=sender, recipients=_recipients(envelope),
             arrival=arrival, size=len(message), smtputf8=smtputf8, body_8bit=body_8bit,
-            requiretls=requiretls, tls_optional=tls_optional, client=client, slot=slot,
-            path=final, body_offset=len(head))
+            requiretls=requiretls, tls_optional=tls_optional, ret=ret, envid=envid,
+            client=client, slot=slot, path=final, body_offset=len(head))
 
     def record(self, message_id: str, event: JournalEvent, *,
                durable: bool = True) -> JournalEvent:
@@ -511,8 +531,8 @@ class Spool:
             envelope = json.loads(head)
             message = QueuedMessage(
                 id=envelope["id"], sender=envelope["sender"],
-                recipients=[QueuedRecipient(r, r.rpartition("@")[2].lower())
-                            for r in envelope["recipients"]],
+                recipients=_recipients(envelope),
+                ret=str(envelope.get("ret", "")), envid=str(envelope.get("envid", "")),
                 arrival=float(envelope["arrival"]), size=int(envelope["size"]),
                 smtputf8=bool(envelope.get("smtputf8")),
                 body_8bit=bool(envelope.get("body_8bit")),
