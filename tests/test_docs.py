@@ -861,3 +861,37 @@ async def test_outbound_examples_route_log_and_bounce_real_mail(config_dir, capl
                and "status=sent (250 " in line for line in logged)
     assert any("to=<busy@else.test>" in line and
                "status=deferred (451 4.2.0 mailbox busy)" in line for line in logged)
+
+
+# -- docs/requiretls.md ---------------------------------------------------------------------
+
+REQUIRETLS_MD = DOCS / "requiretls.md"
+
+
+async def test_requiretls_md_plugins_flag_the_mail_they_say_and_no_other(config_dir):
+    sender_plugin = marked_block(REQUIRETLS_MD, "<!-- requiretls example: sender -->")
+    header_plugin = marked_block(REQUIRETLS_MD, "<!-- requiretls example: header -->")
+    root = config_dir({"plugins": "requiretls.legal\nrequiretls.confidential\nrelay\n",
+                       "relay_acl_allow": "127.0.0.0/8\n",
+                       # nowhere to deliver to: what was accepted stays in the spool
+                       "dns.ini": "[main]\nnameservers = 127.0.0.1\nport = 9\ntimeout = 0.2\n"},
+                      {"requiretls.legal": sender_plugin,
+                       "requiretls.confidential": header_plugin})
+    cases = {
+        ("counsel@legal.example.com", b"Subject: a\r\n\r\nx\r\n"): True,
+        ("ceo@example.com", b"Subject: b\r\nSensitivity: Company-Confidential\r\n\r\nx\r\n"):
+            True,
+        ("ceo@example.com", b"Subject: c\r\nSensitivity: Personal\r\n\r\nx\r\n"): False,
+        ("ceo@example.com", b"Subject: d\r\n\r\nSensitivity: Company-Confidential\r\n"):
+            False,
+    }
+    async with running_server(root) as hp:
+        for sender, body in cases:
+            await sendmail(hp.port, sender, ["bob@far.example"], body)
+        spool = hp.server.outbound.spool
+        flagged = {}
+        for message_id in spool.ids():
+            message = spool.load(message_id)
+            subject = message.read_headers().split(b"Subject: ")[1][:1]
+            flagged[subject] = message.requiretls
+    assert flagged == {b"a": True, b"b": True, b"c": False, b"d": False}

@@ -54,6 +54,7 @@ class Outcome:
     tls_failure: Failure | None = None
     requiretls_why: str = ""  # why REQUIRETLS could not be met, when not from a session
     requiretls_met: bool = False  # delivered under a REQUIRETLS policy
+    requiretls_exempt: bool = False  # a REQUIRETLS message routed to this machine
     contacted: bool = False  # some host answered (greeted, or refused us politely)
     tried: bool = False  # some connection was attempted
 

@@ -34,7 +34,12 @@ from harakapy.outbound.bounce import Failure, build_dsn, redact_notice
 from harakapy.outbound.delivery import Delivery, Outcome, RecipientResult
 from harakapy.outbound.mx import MxError, MxHost, next_hops
 from harakapy.outbound.negotiate import Negotiator
-from harakapy.outbound.requiretls import RequireTlsRefused, opts_out, requiretls_settings
+from harakapy.outbound.requiretls import (
+    REQUIRETLS_STATUSES,
+    RequireTlsRefused,
+    opts_out,
+    requiretls_settings,
+)
 from harakapy.outbound.requiretls import routes as policy_routes
 from harakapy.outbound.settings import OutboundSettings
 from harakapy.outbound.tls_policy import PolicyLookupError, tls_settings
@@ -455,6 +460,8 @@ class OutboundQueue:
         outcome = await self.delivery.attempt(
             routes, message.sender, [message.recipients[i].address for i in indexes], body,
             smtputf8=message.smtputf8, dsn=_dsn_request(message, indexes))
+        outcome.requiretls_exempt = message.requiretls and not any(
+            route.policy.requiretls for route in routes)
         if outcome.unreachable:
             # No host answered: other mail for the domain would only knock on the same
             # closed doors. It waits for this message's retry (Postfix does the same).
@@ -612,7 +619,7 @@ class OutboundQueue:
                 queued = await self._submit_notice(message, dsn)
                 log.info("%s DSN queued as %s for <%s>", message.id, queued.id,
                          message.sender)
-        elif message.requiretls and any(f.status.startswith("5.7.") for f in failures):
+        elif message.requiretls and any(f.status in REQUIRETLS_STATUSES for f in failures):
             await self._notice_without_requiretls(message)
         else:
             log.warning("%s is itself a bounce: dropping it (no errors about errors)",
@@ -635,7 +642,14 @@ class OutboundQueue:
         except SpoolError as exc:
             log.error("%s: cannot read the notice to redact it: %s", notice.id, exc)
             return
-        redacted = await self._in_thread(redact_notice, text, me=self.server.me)
+        try:
+            redacted = await self._in_thread(redact_notice, text, me=self.server.me)
+        except ValueError:
+            # A notice some client relayed to us with REQUIRETLS, not one of ours: there
+            # is no report in it to keep.
+            log.warning("%s: a REQUIRETLS notice that is not ours could not go back with "
+                        "REQUIRETLS: dropped", notice.id)
+            return
         queued = await self.submit("", [r.address for r in notice.recipients], redacted,
                                    notify=[NEVER] * len(notice.recipients))
         log.info("%s: a notice that could not be delivered with REQUIRETLS; sent again "
@@ -680,7 +694,7 @@ def _requiretls_marker(message: QueuedMessage, outcome: Outcome) -> str:
         return ""
     if outcome.requiretls_met:
         return " requiretls"
-    if any(r.state is DELIVERED for r in outcome.results):
+    if outcome.requiretls_exempt:
         return " requiretls:exempt"
     why = outcome.requiretls_why
     if not why and outcome.tls_failure is not None:

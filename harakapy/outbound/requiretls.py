@@ -50,7 +50,8 @@ log = logging.getLogger("harakapy.outbound")
 
 EXTENSION = "REQUIRETLS"
 NOT_SUPPORTED = "5.7.30"  # RFC 8689 7: REQUIRETLS support required
-ENCRYPTION_NEEDED = "4.7.10"  # RFC 3463 X.7.10, temporary until the queue gives up
+ENCRYPTION_NEEDED = "5.7.10"  # RFC 3463 X.7.10: no validated TLS could be had
+REQUIRETLS_STATUSES = (NOT_SUPPORTED, ENCRYPTION_NEEDED)
 RECIPIENT_POLICIES = (STS, "tlsa")  # what a recipient domain publishes
 
 
@@ -245,7 +246,9 @@ async def _opted_out(hooks: HookCaller, config: Config, domain: str, hosts: list
         found = await routes_for(hooks, config, domain, hosts, routed=routed,
                                  message=message)
     except PolicyLookupError as exc:
-        # What could not be found is a recipient's policy the sender waived.
+        if not operator:
+            raise  # it may be the operator's own plugin that failed: that policy stands
+        # Every policy is waived, and so is the one that could not be found.
         log.info("%s: delivered without waiting for the TLS policy of %s (%s)", waived,
                  domain, exc)
         policy = Policy(Level.MAY, waived=waived, reason=f"TLS-Required: No ({exc})")
