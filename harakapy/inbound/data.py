@@ -47,3 +47,42 @@ def decode(raw: bytes, limit: int) -> tuple[bytes, str | None]:
     if len(content) > limit:
         return b"", too_big(limit)
     return content, None
+
+
+class Chunks:
+    """A message arriving in BDAT chunks (RFC 3030): the octets as sent, no dot-stuffing.
+
+    Past ``limit`` octets nothing more is kept (the client still sends them, and they are
+    read): the message is then refused with 552 at ``BDAT LAST``.
+    """
+
+    __slots__ = ("_parts", "limit", "size", "started")
+
+    def __init__(self, limit: int, started: float) -> None:
+        self.limit = limit
+        self.started = started
+        self.size = 0
+        self._parts: list[bytes] = []
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size <= self.limit:
+            self._parts.append(piece)
+        else:
+            self._parts.clear()
+
+    def message(self) -> tuple[bytes, str | None]:
+        """As :func:`decode` answers: the message with bare LFs normalised to CRLF (and a
+        last line ended), or the reply that refuses it."""
+        if self.size > self.limit:
+            return b"", too_big(self.limit)
+        content = b"".join(self._parts)
+        if content and not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        if max(map(len, content.split(b"\r\n")), default=0) > MAX_TEXT_LINE - 2:
+            return b"", LINE_TOO_LONG
+        if content.count(b"\n") != content.count(b"\r\n"):
+            content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if len(content) > self.limit:
+            return b"", too_big(self.limit)
+        return content, None

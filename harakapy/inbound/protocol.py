@@ -32,7 +32,7 @@ from harakapy.inbound.address import (
     routes_through,
 )
 from harakapy.inbound.connection import Connection, TlsInfo, Transaction
-from harakapy.inbound.data import MAX_TEXT_LINE, TERMINATOR, decode, too_big
+from harakapy.inbound.data import MAX_TEXT_LINE, TERMINATOR, Chunks, decode, too_big
 from harakapy.inbound.received import count_received, received_header
 from harakapy.results import Action, Result, add_enhanced, format_reply, reply_for
 from harakapy.spool.store import SpoolError, new_id
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("harakapy.inbound")
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
+CHUNK_PIECE = 1 << 16  # a BDAT chunk is read in pieces this size, each under ``timeout``
 # RFC 1870 (SIZE=), RFC 6152 (BODY=8BITMIME), RFC 6531 (SMTPUTF8), RFC 8689 (REQUIRETLS) and
 # RFC 3461 (RET=, ENVID=) each let MAIL FROM grow by their parameter; RFC 3461 lets RCPT TO
 # grow by NOTIFY= and ORCPT=.
@@ -146,6 +147,7 @@ class SmtpProtocol(SMTP):
         self._implicit_handshake: asyncio.Future[None] | None = None
         self._replies: list[bytes] = []
         self._progress_check: asyncio.TimerHandle | None = None
+        self._chunks: Chunks | None = None  # the BDAT message being received
 
     # -- plumbing around aiosmtpd ------------------------------------------------------
 
@@ -338,9 +340,14 @@ class SmtpProtocol(SMTP):
             self.connection.tls = TlsInfo(*describe(ssl_object))
 
     async def _decide(self, hook: str, *, default_message: str, default_enhanced: str,
-                      ok_reply: str | None, **kwargs: object) -> Result | None:
+                      ok_reply: str | None, quiet: bool = False, **kwargs: object
+                      ) -> Result | None:
         """Ask ``hook``; push its refusal (closing on DENYDISCONNECT) and return it, or
-        push ``ok_reply`` (when given) and return ``None``."""
+        push ``ok_reply`` (when given) and return ``None``.
+
+        :param quiet: Return a refusal without answering: the caller answers later (BDAT
+            reads its chunk first).
+        """
         plugins = self.server.plugins
         # Most of these hooks have no plugin at all: then there is nothing to call.
         result = await plugins.call_first(
@@ -349,6 +356,8 @@ class SmtpProtocol(SMTP):
             reply = reply_for(result, default_message=default_message,
                               default_enhanced=default_enhanced)
             log.info("%s %s refused: %s", self._cid, hook, reply.replace("\r\n", " / "))
+            if quiet:
+                return result
             if result.disconnects:
                 await self._close_with(reply)
             else:
@@ -400,7 +409,7 @@ class SmtpProtocol(SMTP):
         lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME"]
         if self.enable_SMTPUTF8:
             lines.append("SMTPUTF8")
-        lines += ["DSN", "ENHANCEDSTATUSCODES"]
+        lines += ["DSN", "ENHANCEDSTATUSCODES", "CHUNKING"]
         if self.tls_context is not None and connection.tls is None:
             lines.append("STARTTLS")
         if connection.tls is not None and self.server.plugins.has("auth"):
@@ -715,6 +724,10 @@ class SmtpProtocol(SMTP):
         else:
             await self._push_raw(reply)
 
+    def _set_rset_state(self) -> None:
+        self._chunks = None  # RSET and EHLO drop a BDAT message half sent
+        super()._set_rset_state()
+
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
@@ -730,6 +743,10 @@ class SmtpProtocol(SMTP):
         transaction = connection.transaction
         if transaction is None:
             await self.push("503 5.5.1 Need MAIL command")
+            return
+        if self._chunks is not None:
+            # RFC 3030 2: a message sent with BDAT is finished with BDAT.
+            await self.push("503 5.5.1 DATA after BDAT; finish with BDAT LAST or RSET")
             return
         if not transaction.recipients:
             # RFC 2920 3.1: with pipelining, DATA after only refused recipients is 554.
@@ -750,6 +767,13 @@ class SmtpProtocol(SMTP):
             log.info("%s DATA not finished within data_timeout", connection.id)
             await self._close_with("421 4.4.2 Timeout while receiving data, closing")
             return
+        await self._complete(transaction, content, problem)
+
+    async def _complete(self, transaction: Transaction, content: bytes,
+                        problem: str | None) -> None:
+        """The message has arrived (DATA's final dot, BDAT LAST): refuse it, or queue it."""
+        connection = self.connection
+        assert connection is not None
         if problem is None and count_received(content) >= self.server.settings.max_hops:
             # RFC 5321 6.3: a message that went round this often is in a mail loop.
             problem = "554 5.4.6 Too many hops (Received: headers), mail loop?"
@@ -760,6 +784,80 @@ class SmtpProtocol(SMTP):
             return
         transaction.message = received_header(connection, transaction, self.hostname) + content
         await self._finish(transaction)
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 CHUNKING: ``BDAT <size> [LAST]``, then exactly ``size`` octets.
+
+        The octets are read whatever the answer will be, so that none of them is taken
+        for a command. A size that does not parse leaves no way to know where the chunk
+        ends: the connection is closed.
+        """
+        connection = self.connection
+        assert connection is not None
+        words = (arg or "").split()
+        if not (1 <= len(words) <= 2 and words[0].isdigit() and words[0].isascii()
+                and len(words[0]) <= 12 and (len(words) == 1 or words[1].upper() == "LAST")):
+            await self._close_with("501 5.5.4 Syntax: BDAT chunk-size [LAST]; closing")
+            return
+        size, last = int(words[0]), len(words) == 2
+        transaction = connection.transaction
+        refusal = None
+        if transaction is None:
+            refusal = "503 5.5.1 Need MAIL command"
+        elif not transaction.recipients:
+            refusal = "554 5.5.1 No valid recipients"
+        elif self._chunks is None:
+            result = await self._decide("data", transaction=transaction,
+                                        default_message="Data refused",
+                                        default_enhanced="5.7.1", ok_reply=None,
+                                        quiet=True)
+            if result is not None:
+                refusal = reply_for(result, default_message="Data refused",
+                                    default_enhanced="5.7.1")
+                if result.disconnects:
+                    await self._close_with(refusal)
+                    return
+                connection.transaction = None
+            else:
+                self._chunks = Chunks(self.data_size_limit, time.monotonic())
+        chunks = self._chunks if refusal is None else None
+        try:
+            await self._read_chunk(size, chunks)
+        except TimeoutError:
+            log.info("%s BDAT chunk not received within timeout", connection.id)
+            await self._close_with("421 4.4.2 Timeout while receiving data, closing")
+            return
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("client closed the connection in BDAT") from None
+        if refusal is not None:
+            log.info("%s BDAT refused: %s", connection.id, refusal)
+            await self.push(refusal)
+            return
+        assert chunks is not None and transaction is not None
+        if time.monotonic() - chunks.started > self.server.settings.data_timeout:
+            self._chunks = None
+            log.info("%s BDAT not finished within data_timeout", connection.id)
+            await self._close_with("421 4.4.2 Timeout while receiving data, closing")
+            return
+        if not last:
+            await self._push_raw(f"250 2.0.0 {size} octets received")
+            return
+        self._chunks = None
+        content, problem = chunks.message()
+        await self._complete(transaction, content, problem)
+
+    async def _read_chunk(self, size: int, chunks: Chunks | None) -> None:
+        """Read ``size`` octets into ``chunks`` (or throw them away): ``timeout`` without
+        progress raises :class:`TimeoutError`. Memory stays bounded: past the message
+        limit, octets are dropped as they come."""
+        left = size
+        while left:
+            async with asyncio.timeout(self._timeout_duration):
+                piece = await self._reader.readexactly(min(left, CHUNK_PIECE))
+            self._reset_timeout()
+            left -= len(piece)
+            if chunks is not None:
+                chunks.add(piece)
 
     async def _read_data(self) -> tuple[bytes, str | None]:
         """Read message text up to the final dot; return it decoded, or a reply saying why
