@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
 from harakapy.config import Config, ConfigError, IniFile
+from harakapy.outbound.downgrade import to_7bit
 
 
 def _openssl_rsa_sign(digest: object, private_key: dict[str, int]) -> bytes:
@@ -108,11 +109,18 @@ class DkimSigner:
 
     def sign(self, message: bytes, *, domain: str | None = None) -> bytes:
         """``message`` with a ``DKIM-Signature`` per key of its ``From:`` domain (or of
-        ``domain``) in front; unchanged when there are none."""
+        ``domain``) in front; unchanged when there are none.
+
+        8-bit text is made 7-bit first (``harakapy.outbound.downgrade``): a server on
+        the way without 8BITMIME would otherwise get it converted after signing, and the
+        signature would no longer verify.
+        """
         domain = (domain or from_domain(message)).lower()
         keys = self.keys.get(domain, ())
         if not keys:
             return message
+        if not message.isascii():
+            message = to_7bit(message) or message
         present = _header_names(message)
         wanted = [h.encode() for h in self.headers
                   if h.lower() in present and h.lower() != "from"]

@@ -53,6 +53,7 @@ class ReceivingMTA:
     data_delay: float = 0.0
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
+    quits: int = 0
     commands: list[str] = field(default_factory=list)
     _server: asyncio.Server | None = None
 
@@ -85,7 +86,7 @@ class ReceivingMTA:
                 return "250 2.1.5 OK"
 
             async def handle_QUIT(self, server, session, envelope):
-                mta.commands.append("QUIT")
+                mta.quits += 1
                 return "221 Bye"
 
             async def handle_DATA(self, server, session: Session, envelope: Envelope):

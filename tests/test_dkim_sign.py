@@ -144,3 +144,20 @@ def test_rsa_signatures_by_openssl_are_the_bytes_dkimpy_itself_makes(tmp_path):
         dkim.RSASSA_PKCS1_v1_5_sign = fast_sign
     assert fast_sign is not plain
     assert re.sub(rb"t=\d+;", b"", fast) == re.sub(rb"t=\d+;", b"", slow)
+
+
+async def test_8bit_mail_is_signed_7bit_and_still_verifies_at_a_server_without_8bitmime(
+        outbound_env, config_dir):
+    probe = config_dir({"me": "x.test\n"})
+    record = zone_line(await asyncio.to_thread(keygen, probe, "sender.test", "rsa1"))
+    zone = ("@ SOA ns.test. h.test. 1 3600 600 86400 300\n"
+            "dest.test. MX 10 mx.dest.test.\nmx.dest.test. A 127.0.0.3\n" + record + "\n")
+    key = probe / "config" / "dkim" / "sender.test.rsa1.key"
+    env = await outbound_env(zone, plugins="relay\ndkim_sign\n", files={
+        "dkim_sign.ini": f"[sign sender.test rsa1]\nkey = {key}\n"})
+    mx = await env.mta("127.0.0.3", drop=("8BITMIME",))
+    await env.send("bob@dest.test", body=BODY.replace(b"friday", "vendredi à midi".encode()))
+    await eventually(lambda: mx.messages)
+    message = mx.messages[0].data
+    assert message.isascii() and b"vendredi =C3=A0 midi" in message
+    assert await asyncio.to_thread(dkim.verify, message, dnsfunc=txt_lookup(env.dns.port))

@@ -4,6 +4,7 @@ MX records from a real DNS server on loopback and time moved by the test."""
 from __future__ import annotations
 
 import email
+import email.policy
 
 import pytest
 
@@ -169,10 +170,21 @@ async def test_connection_reuse_for_several_messages(env):
     assert mx1.connections < 5
 
 
-async def test_8bit_message_to_a_server_without_8bitmime_bounces(env):
+async def test_8bit_text_to_a_server_without_8bitmime_goes_as_quoted_printable(env):
     mx1 = await env.mta("127.0.0.5", drop=("8BITMIME",))  # other.test's only MX
-    sender_mx = await env.mta("127.0.0.4")
     await env.send(["bob@other.test"], body="Subject: x\r\n\r\nGrüße\r\n".encode())
+    await eventually(lambda: mx1.messages)
+    received = mx1.messages[0]
+    assert received.data.isascii() and "BODY=8BITMIME" not in received.mail_options
+    parsed = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parsed.get_content().replace("\r\n", "\n") == "Grüße\n"
+
+
+async def test_8bit_in_a_header_to_a_server_without_8bitmime_bounces(env):
+    mx1 = await env.mta("127.0.0.5", drop=("8BITMIME",))
+    sender_mx = await env.mta("127.0.0.4")
+    await env.send(["bob@other.test"], body="Subject: Grüße\r\n\r\nx\r\n".encode())
     await eventually(lambda: sender_mx.messages)
     assert "Status: 5.6.3" in sender_mx.messages[0].data.decode()
     assert mx1.messages == []
@@ -328,7 +340,8 @@ async def test_delay_warning_is_sent_once(hooked):
 async def test_a_backup_mx_that_cannot_carry_8bit_defers_while_the_primary_is_down(env):
     backup = await env.mta("127.0.0.3", drop=("8BITMIME",))  # mx1 (127.0.0.2) is down
     sender_mx = await env.mta("127.0.0.4")
-    await env.send(["bob@dest.test"], body="Subject: x\r\n\r\nGrüße\r\n".encode())
+    # 8-bit in the header: no 7-bit form of the message
+    await env.send(["bob@dest.test"], body="Subject: Grüße\r\n\r\nx\r\n".encode())
     await eventually(lambda: backup.connections >= 1)
     await eventually(env.deferral_recorded)  # moving the clock earlier would race the runner
     assert sender_mx.messages == [] and backup.messages == []

@@ -223,7 +223,8 @@ async def test_a_server_without_requiretls_gets_no_mail_and_the_sender_a_5_7_30_
         await world.env.send("bob@a.test", sender="rt@b.test")
         await eventually(lambda: home.messages)
     assert mx.messages == [] and not any(c.startswith("MAIL") for c in mx.commands)
-    assert mx.commands == ["QUIT"]  # RFC 8689 4.2.1: QUIT, not a MAIL without REQUIRETLS
+    # RFC 8689 4.2.1: QUIT, not a MAIL without REQUIRETLS.
+    assert mx.commands == [] and mx.quits == mx.connections == 1
     (notice,) = home.messages
     # RFC 8689 5: from the null sender, with REQUIRETLS, the original's header only.
     assert notice.sender == "<>" and "REQUIRETLS" in notice.mail_options and notice.tls

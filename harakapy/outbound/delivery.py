@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from harakapy.dns import DnsError, NoSuchDomain, Resolver
 from harakapy.dsn import DsnRequest
 from harakapy.outbound.client import Reply, SessionError, SmtpSession, Stage
+from harakapy.outbound.downgrade import to_7bit
 from harakapy.outbound.mx import MxHost
 from harakapy.outbound.negotiate import HostPlan, Negotiator, TlsFailure
 from harakapy.outbound.settings import OutboundSettings
@@ -55,6 +56,7 @@ class Outcome:
     requiretls_why: str = ""  # why REQUIRETLS could not be met, when not from a session
     requiretls_met: bool = False  # delivered under a REQUIRETLS policy
     requiretls_exempt: bool = False  # a REQUIRETLS message routed to this machine
+    seven_bit: bytes | None = None  # the message made 7-bit, once; b"" when it cannot be
     contacted: bool = False  # some host answered (greeted, or refused us politely)
     tried: bool = False  # some connection was attempted
 
@@ -268,6 +270,12 @@ class Delivery:
             log.info("host %s unusable: %s", where, exc.reason)
             return "failed"
         outcome.contacted = True
+        if eight_bit and not session.supports("8BITMIME"):
+            # RFC 6152 3: converted to 7-bit for this server where that can be done.
+            if outcome.seven_bit is None:
+                outcome.seven_bit = await asyncio.to_thread(to_7bit, message) or b""
+            if outcome.seven_bit:
+                message, eight_bit = outcome.seven_bit, False
         refusal = self._cannot_carry(session, message, smtputf8=smtputf8,
                                      eight_bit=eight_bit)
         if refusal is not None:
@@ -329,7 +337,8 @@ class Delivery:
         if smtputf8 and not session.supports("SMTPUTF8"):
             return "5.6.7", "the message needs SMTPUTF8, which the server does not offer"
         if eight_bit and not session.supports("8BITMIME"):
-            return "5.6.3", "8-bit message text, and the server does not offer 8BITMIME"
+            return "5.6.3", ("8-bit text in a header, and the server does not offer "
+                             "8BITMIME: no 7-bit form of it means the same")
         limit = session.extensions.get("SIZE", "").strip()
         if limit.isdigit() and int(limit) and len(message) > int(limit):
             return "5.3.4", f"message of {len(message)} bytes is over the server's SIZE {limit}"
