@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 MAX_REPLY_LINES = 100  # a hostile server cannot make us buffer without bound
+# With PIPELINING, a BDAT message up to this size is sent before the RCPT replies are in.
+PIPELINED_CHUNK = 64 << 10
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
 _UNSAFE = re.compile(r"[\r\n\0]")
 _CHARACTER_NAMES = {"\r": "CR", "\n": "LF", "\0": "NUL"}
@@ -177,6 +179,21 @@ def _rcpt_reply(reply: Reply) -> Reply:
     return Reply(452, reply.text) if reply.code == 552 else reply
 
 
+def canonical(message: bytes) -> bytes:
+    """The message with every line end CRLF and one at the end: what BDAT sends as it is
+    and DATA sends dot-stuffed (bare LF and bare CR as :func:`dot_stuff` says)."""
+    # The text is clean exactly when taking out every CR and putting one before every LF
+    # gives it back. Both steps replace one byte, which CPython does with memchr: ~35 us
+    # for 100 KB, where counting CR, LF and CRLF would take ~150 us.
+    if message.replace(b"\r", b"").replace(b"\n", b"\r\n") != message:
+        # Once every CRLF is LF, each CR left was a bare one.
+        message = (message.replace(b"\r\n", b"\n").replace(b"\r", b" ")
+                   .replace(b"\n", b"\r\n"))
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message
+
+
 def dot_stuff(message: bytes) -> bytes:
     """The message as sent after DATA: line ends made CRLF, leading dots doubled, CRLF at
     the end, then ``.``.
@@ -191,16 +208,7 @@ def dot_stuff(message: bytes) -> bytes:
     ``<CR><LF>.<LF>``, ``<CR>.<CR>``) can end DATA early at a server that reads line ends
     more loosely than RFC 5321 does.
     """
-    # The text is clean exactly when taking out every CR and putting one before every LF
-    # gives it back. Both steps replace one byte, which CPython does with memchr: ~35 us
-    # for 100 KB, where counting CR, LF and CRLF would take ~150 us.
-    if message.replace(b"\r", b"").replace(b"\n", b"\r\n") != message:
-        # Once every CRLF is LF, each CR left was a bare one.
-        message = (message.replace(b"\r\n", b"\n").replace(b"\r", b" ")
-                   .replace(b"\n", b"\r\n"))
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    stuffed = canonical(message).replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed + b".\r\n"
@@ -215,6 +223,7 @@ class SmtpSession:
         self.writer = writer
         self.timeouts = timeouts
         self.lmtp = lmtp
+        self.chunking = True  # BDAT where the server offers CHUNKING ([main] chunking)
         self.extensions: dict[str, str] = {}
         self.greeting: Reply | None = None
         self.ehlo_name: str = ""
@@ -426,6 +435,8 @@ class SmtpSession:
         mail_line = f"MAIL FROM:<{sender}>" + "".join(f" {p}" for p in mail_params)
         rcpt_lines = [f"RCPT TO:<{r}>" + "".join(f" {p}" for p in params)
                       for r, params in zip(recipients, extra, strict=True)]
+        if self.chunking and self.supports("CHUNKING"):
+            return await self._send_chunked(mail_line, rcpt_lines, canonical(message))
         if self.supports("PIPELINING"):
             batch = [mail_line, *rcpt_lines, "DATA"]
             await self._send(Stage.MAIL, "".join(f"{line}\r\n" for line in batch).encode())
@@ -455,6 +466,46 @@ class SmtpSession:
             await self.rset()
             return result
         await self._send(Stage.DATA, dot_stuff(message))
+        if self.lmtp:
+            finals = {i: await self.read_reply(Stage.DATA, self.timeouts.data_done)
+                      for i in accepted}
+        else:
+            done = await self.read_reply(Stage.DATA, self.timeouts.data_done)
+            finals = dict.fromkeys(accepted, done)
+        result.recipients = [finals.get(i, r) for i, r in enumerate(rcpt)]
+        self.messages_sent += 1
+        return result
+
+    async def _send_chunked(self, mail_line: str, rcpt_lines: list[str], text: bytes
+                            ) -> TransactionResult:
+        """The transaction with ``BDAT <size> LAST`` (RFC 3030): no dot-stuffing, and with
+        PIPELINING a message up to :data:`PIPELINED_CHUNK` goes in the same write as MAIL
+        and RCPT, one round trip for the whole transaction. A larger one waits for the
+        RCPT replies, so that it is not sent when no recipient is accepted."""
+        chunk = f"BDAT {len(text)} LAST\r\n".encode() + text
+        pipelining = self.supports("PIPELINING")
+        sent = False
+        if pipelining:
+            head = "".join(f"{line}\r\n" for line in (mail_line, *rcpt_lines)).encode()
+            sent = len(text) <= PIPELINED_CHUNK
+            await self._send(Stage.MAIL, head + chunk if sent else head)
+            mail = await self.read_reply(Stage.MAIL)
+            rcpt = [_rcpt_reply(await self.read_reply(Stage.RCPT)) for _ in rcpt_lines]
+        else:
+            mail = await self.command(Stage.MAIL, mail_line)
+            if not mail.positive:
+                return TransactionResult(mail, [mail] * len(rcpt_lines))
+            rcpt = [_rcpt_reply(await self.command(Stage.RCPT, line)) for line in rcpt_lines]
+        result = TransactionResult(mail)
+        accepted = [i for i, r in enumerate(rcpt) if r.positive]
+        if not mail.positive or not accepted:
+            if sent:
+                await self.read_reply(Stage.DATA)  # the server's refusal of the chunk
+            await self.rset()
+            result.recipients = [mail if not mail.positive else r for r in rcpt]
+            return result
+        if not sent:
+            await self._send(Stage.DATA, chunk)
         if self.lmtp:
             finals = {i: await self.read_reply(Stage.DATA, self.timeouts.data_done)
                       for i in accepted}

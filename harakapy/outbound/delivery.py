@@ -166,6 +166,7 @@ class Delivery:
             session = await SmtpSession.open(ip, host.port, timeouts=self.settings.timeouts,
                                              lmtp=host.lmtp,
                                              source_address=self.settings.local_address)
+            session.chunking = self.settings.chunking
             try:
                 await session.ehlo(self.me)
             except SessionError:

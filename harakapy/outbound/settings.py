@@ -27,6 +27,7 @@ class OutboundSettings:
     idle_timeout: float
     max_messages_per_connection: int
     fsync: bool
+    chunking: bool = True
 
     @classmethod
     def from_config(cls, config: Config) -> OutboundSettings:
@@ -68,6 +69,7 @@ class OutboundSettings:
             max_messages_per_connection=ini.get_int("main", "max_messages_per_connection",
                                                     100, minimum=1),
             fsync=ini.get_bool("main", "fsync", True),
+            chunking=ini.get_bool("main", "chunking", True),
         )
 
     def backoff(self, attempts: int) -> float:
