@@ -494,6 +494,75 @@ def cmd_dkim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from harakapy.check import check_directory
+
+    root = Path(args.config_dir) if args.config_dir else None
+    logs.setup("text", "error")  # a plugin's log lines at start are not the report
+    report = _run_loop(check_directory(root))
+    for error in report.errors:
+        print(error, file=sys.stderr)
+    if not report.ok:
+        print(f"harakapy: {len(report.errors)} error(s); {root or 'the shipped defaults'} "
+              f"would not start", file=sys.stderr)
+        return 2
+    print(f"{root or 'the shipped defaults'}: ok; plugins: {', '.join(report.plugins)}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    import json
+
+    from harakapy.config import Config
+    from harakapy.plugins import PluginManager
+
+    root = Path(args.config_dir) if args.config_dir else None
+    try:
+        manager = PluginManager.load(Config.load(root))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    rows = [{"position": index + 1, "name": plugin.name, "origin": plugin.origin,
+             "hooks": manager.hooks_of(plugin),
+             "background": [task.name for task in manager.background
+                            if task.plugin == plugin.name]}
+            for index, plugin in enumerate(manager.plugins)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['position']:>2}. {row['name']}  ({row['origin']})")
+        print(f"      hooks: {', '.join(row['hooks']) or 'none'}")
+        if row["background"]:
+            print(f"      background: {', '.join(row['background'])}")
+    return 0
+
+
+def cmd_plugin_new(args: argparse.Namespace) -> int:
+    from harakapy import plugin_skeleton
+
+    name = args.name
+    if not plugin_skeleton.NAME.match(name):
+        return _fail(f"{name!r} is not a plugin name for a new file (letters, digits and "
+                     f"'_', not starting with a digit)", 2)
+    root = Path(args.config_dir)
+    written = []
+    for path, text in ((root / "plugins" / f"{name}.py", plugin_skeleton.plugin_source(name)),
+                       (root / "tests" / f"test_{name}.py", plugin_skeleton.test_source(name))):
+        if path.exists():
+            return _fail(f"{path} exists; not overwritten", 1)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as exc:
+            return _fail(f"cannot write {path}: {exc.strerror}", 1)
+        written.append(path)
+    for path in written:
+        print(f"wrote {path}")
+    print(f'add "{name}" to {root / "config" / "plugins"} to use it; '
+          f"test it: python -m pytest {written[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harakapy", description="A Haraka-style mail server for strict outbound SMTP TLS.")
@@ -515,6 +584,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     run.add_argument("--listen-fds", default="", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser(
+        "check", help="validate the whole config directory without starting",
+        description="Load and check every file of the config directory and each plugin's "
+                    "settings, as 'run' and SIGHUP do, without listening or opening the "
+                    "spool. Prints every error as file:line: message; exits 0 only when "
+                    "the directory would start.")
+    check.add_argument("-c", "--config-dir", metavar="DIR",
+                       help="config directory (default: the shipped defaults)")
+    check.set_defaults(func=cmd_check)
+
+    plugins = commands.add_parser(
+        "plugins", help="the plugins in run order, where each was found, its hooks",
+        description="List the plugins of config/plugins in run order, with the file (or "
+                    "entry point) each was loaded from and the hooks it implements.")
+    plugins.add_argument("-c", "--config-dir", metavar="DIR",
+                         help="config directory (default: the shipped defaults)")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=cmd_plugins)
+
+    plugin = commands.add_parser("plugin", help="write a new plugin to start from")
+    plugin_actions = plugin.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new = plugin_actions.add_parser(
+        "new", help="a commented plugin skeleton and a test for it",
+        description="Write DIR/plugins/NAME.py (a working rcpt hook, the other common "
+                    "hooks shown) and DIR/tests/test_NAME.py, a test of it that passes.")
+    new.add_argument("name", metavar="NAME")
+    new.add_argument("-c", "--config-dir", metavar="DIR", required=True,
+                     help="the config directory to write into")
+    new.set_defaults(func=cmd_plugin_new)
 
     init = commands.add_parser("init", help="write a working config directory",
                                description="Write DIR/config (the shipped defaults, each "

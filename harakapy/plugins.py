@@ -321,6 +321,22 @@ class PluginManager:
                     raise
                 log.exception("plugin %s failed in hook %s", impl.plugin_name, hook)
 
+    async def call_each(self, hook: str, **kwargs: object) -> list[tuple[str, Exception]]:
+        """Call every plugin in order and collect what each raised, by plugin name: for
+        ``harakapy check``, which reports every plugin's refusal, not the first."""
+        failures = []
+        for impl in self.implementations(hook):
+            try:
+                await self._run(impl, kwargs)
+            except Exception as exc:
+                failures.append((impl.plugin_name, exc))
+        return failures
+
+    def hooks_of(self, plugin: LoadedPlugin) -> list[str]:
+        """The hooks ``plugin`` implements, in the order hookspecs.py lists them."""
+        mine = {caller.name for caller in self.pm.get_hookcallers(plugin.module) or []}
+        return [name for name in self.hook_names() if name in mine]
+
     @staticmethod
     def failure_result(hook: str, plugin_name: str) -> Result:
         # The client learns nothing of our plugins; the log has the name and traceback.

@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,17 +57,46 @@ class _State:
     tls_context: ssl.SSLContext | None = None
 
 
+# The core's own files, each checked on its own: a bad value stops the start (or the
+# reload) with file:line, and ``harakapy check`` reports every file's errors, not the
+# first. Each derives what it checks, so the server reads the file only once.
+SETTINGS_CHECKS: tuple[Callable[[Config], object], ...] = (
+    InboundSettings.from_config,
+    lambda config: config.derive("tls.outbound", TlsSettings.from_config),
+    lambda config: config.derive("outbound.settings", OutboundSettings.from_config),
+    lambda config: config.derive("outbound.resolver", Resolver.from_config),
+    requiretls_settings,
+    check_me,
+)
+
+
 def _build_state(config: Config, core: Core) -> _State:
+    for check in SETTINGS_CHECKS:
+        check(config)
     settings = InboundSettings.from_config(config)
-    config.derive("tls.outbound", TlsSettings.from_config)  # checks all of tls.ini
-    # Checked now so a bad value stops the start (or the reload) with file:line.
-    config.derive("outbound.settings", OutboundSettings.from_config)
-    config.derive("outbound.resolver", Resolver.from_config)
-    requiretls_settings(config)
     me = check_me(config) or socket.getfqdn()
     plugins = PluginManager.load(config, timeout=settings.plugin_timeout)
     plugins.bind(me, core)
     return _State(config, settings, plugins, me)
+
+
+async def inbound_context(plugins: PluginManager, settings: InboundSettings,
+                          config: Config) -> ssl.SSLContext | None:
+    """The ``inbound_tls`` hook's context, checked.
+
+    :raises ConfigError: the plugin failed, or implicit-TLS listeners have no context.
+    """
+    context = await plugins.call_first("inbound_tls")
+    if context is not None and not isinstance(context, ssl.SSLContext):
+        providers = [impl.plugin_name for impl in plugins.implementations("inbound_tls")]
+        raise plugins.error(providers[0] if providers else None,
+                            "failed to build the inbound TLS context "
+                            "(the log above has the traceback)")
+    if context is None and any(a.implicit_tls for a in settings.listen):
+        ini = config.ini("smtp.ini")
+        raise ini.error("main", "listen_tls", "implicit-TLS listeners need the 'tls' "
+                                              "plugin (or another inbound_tls plugin)")
+    return context
 
 
 class MailServer:
@@ -167,17 +196,7 @@ class MailServer:
         # The plugins of ``state`` judge its config before it takes over: their views
         # show that config.
         await state.plugins.call_all(hook, raise_errors=True)
-        context = await state.plugins.call_first("inbound_tls")
-        if context is not None and not isinstance(context, ssl.SSLContext):
-            providers = [impl.plugin_name for impl in state.plugins.implementations(
-                "inbound_tls")]
-            raise state.plugins.error(providers[0] if providers else None,
-                                      "failed to build the inbound TLS context "
-                                      "(the log above has the traceback)")
-        if context is None and any(a.implicit_tls for a in state.settings.listen):
-            ini = state.config.ini("smtp.ini")
-            raise ini.error("main", "listen_tls", "implicit-TLS listeners need the 'tls' "
-                                                  "plugin (or another inbound_tls plugin)")
+        context = await inbound_context(state.plugins, state.settings, state.config)
         return _State(state.config, state.settings, state.plugins, state.me, context)
 
     # -- lifecycle ----------------------------------------------------------------------
