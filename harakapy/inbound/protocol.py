@@ -90,6 +90,22 @@ class InboundHost(Protocol):
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
 
 
+class _Reader(asyncio.StreamReader):
+    """A stream reader that survives asyncio's TLS transport being closed twice.
+
+    A reader paused for a full buffer resumes its transport as that buffer is read. A TLS
+    transport closed a second time (the client's QUIT and our close) has let go of its
+    protocol, and resuming it raises AttributeError (CPython 3.11's sslproto); by then
+    there is nothing left to resume.
+    """
+
+    def _maybe_resume_transport(self) -> None:
+        try:
+            super()._maybe_resume_transport()  # type: ignore[misc]
+        except AttributeError:
+            self._paused = False  # type: ignore[attr-defined]
+
+
 class _NoHandler:
     """aiosmtpd wants a handler object; every decision here goes through plugins instead."""
 
@@ -165,7 +181,7 @@ class SmtpProtocol(SMTP):
         self.__ident__ = "ESMTP harakapy"
         self.loop = loop
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(limit=self.line_length_limit, loop=loop),
+            self, _Reader(limit=self.line_length_limit, loop=loop),
             client_connected_cb=self._cb_client_connected, loop=loop)
         self.event_handler = _NO_HANDLER
         self.data_size_limit = data_size_limit
@@ -254,7 +270,16 @@ class SmtpProtocol(SMTP):
                 and b"\n" in self._reader._buffer):  # type: ignore[attr-defined]
             return
         replies, self._replies = b"".join(self._replies), []
-        self._writer.write(replies)
+        transport = self._writer.transport
+        if transport is None or transport.is_closing():
+            return  # the client is gone; nothing can be said to it
+        try:
+            self._writer.write(replies)
+        except AttributeError:
+            # asyncio's TLS transport once its connection was lost (the client dropped
+            # the TLS session) has no protocol left to write through: the client is
+            # gone, as above.
+            return
         await self._writer.drain()
 
     async def _close_with(self, reply: str) -> None:
