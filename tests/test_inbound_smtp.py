@@ -192,7 +192,7 @@ async def test_every_reply_after_ehlo_carries_an_enhanced_code(local_dir):
 # What SmtpProtocol keeps beyond the state aiosmtpd's SMTP.__init__ sets up.
 OUR_STATE = {"command_size_limit", "command_size_limits", "server", "implicit_tls",
              "connection", "_busy", "_auth_failures", "_implicit_handshake", "_replies",
-             "_progress_check"}
+             "_progress_check", "_chunks"}
 
 
 def state_drift(ours: object, theirs: object) -> tuple[set[str], set[str]]:
