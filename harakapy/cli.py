@@ -36,34 +36,54 @@ def _run_loop(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from harakapy import privileges
     from harakapy.config import Config
+    from harakapy.inbound.settings import InboundSettings
     from harakapy.server import ListenError, MailServer
-    from harakapy.supervisor import StartError, Supervisor
+    from harakapy.supervisor import StartError, Supervisor, bind
+    from harakapy.systemd import Notifier
 
     root = Path(args.config_dir) if args.config_dir else None
     worker = _worker_slot(args.worker) if args.worker else None
     logs.setup(args.log_format, args.log_level, worker=worker[0] + 1 if worker else None)
 
     async def single(server: MailServer) -> None:
+        notifier = Notifier()
         await server.start()
-        await server.serve()
+        notifier.ready(f"serving on {', '.join(str(a) for a, _ in server.listeners)}")
+        await server.serve(notifier=notifier)
 
-    async def supervised(config: Config, server: MailServer) -> int:
+    async def supervised(config: Config, settings: InboundSettings) -> int:
         options = ["--log-format", args.log_format, "--log-level", args.log_level]
-        return await Supervisor(root, config, server.settings, options).run()
+        # The config and the plugins are checked before any worker starts (and after
+        # root is given up: no plugin is imported as root).
+        return await Supervisor(root, config, settings, options,
+                                check=lambda: MailServer(config)).run()
 
     try:
         if worker is not None:
             _run_loop(_run_worker(args, root, worker))
             return 0
         config = Config.load(root)
-        server = MailServer(config)  # checks the config and the plugins before anything runs
-        if server.settings.workers == 1:
-            _run_loop(single(server))
-            return 0
-        return _run_loop(supervised(config, server))
+        settings = InboundSettings.from_config(config)
+        if settings.workers > 1:
+            return _run_loop(supervised(config, settings))
+        sockets = None
+        if settings.user and os.geteuid() == 0:
+            # Bound as root, then root is given up before a plugin loads or a client
+            # is read (harakapy.privileges).
+            sockets = dict(zip(settings.listen, bind(settings.listen, 1)[0], strict=True))
+        privileges.prepare(settings.identity(), [config.queue_dir(), config.state_dir()])
+        privileges.drop(settings.identity())
+        server = MailServer(config, sockets=sockets)  # checks the plugins before serving
+        _run_loop(single(server))
+        return 0
     except ConfigError as exc:
         return _fail(f"config error: {exc}", 2)
+    except privileges.PrivilegeError as exc:
+        return _fail(str(exc), 2)
     except (ListenError, StartError) as exc:
         code = getattr(exc, "code", 1)
         return _fail(str(exc), code) if code else 0
@@ -563,6 +583,20 @@ def cmd_plugin_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_systemd_unit(args: argparse.Namespace) -> int:
+    from harakapy.config import Config
+    from harakapy.inbound.settings import InboundSettings
+    from harakapy.systemd import unit
+
+    root = Path(args.config_dir).resolve()
+    try:
+        settings = InboundSettings.from_config(Config.load(root))
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", 2)
+    print(unit(root, user=settings.user, group=settings.group), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harakapy", description="A Haraka-style mail server for strict outbound SMTP TLS.")
@@ -594,6 +628,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config-dir", metavar="DIR",
                        help="config directory (default: the shipped defaults)")
     check.set_defaults(func=cmd_check)
+
+    systemd_unit = commands.add_parser(
+        "systemd-unit", help="print a systemd unit (Type=notify) for this directory",
+        description="Print a systemd service unit that runs 'harakapy run -c DIR' with "
+                    "readiness and watchdog notifications and hardening options. Save it "
+                    "as /etc/systemd/system/harakapy.service.")
+    systemd_unit.add_argument("-c", "--config-dir", metavar="DIR", required=True,
+                              help="the config directory the service runs")
+    systemd_unit.set_defaults(func=cmd_systemd_unit)
 
     plugins = commands.add_parser(
         "plugins", help="the plugins in run order, where each was found, its hooks",

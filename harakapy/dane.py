@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from harakapy import metrics
 from harakapy.config import Config
 from harakapy.dns import DnsError, Resolver, Validated
 from harakapy.outbound.mx import MxHost
@@ -133,9 +134,11 @@ class Dane:
             try:
                 mx = await self.resolver.validated(domain, "MX")
             except DnsError as exc:
+                metrics.dnssec("MX", "failed")
                 self._note_mx(domain, exc.reason)
                 return denysoft(f"the DNSSEC state of the MX records of {domain} is not "
                                 f"known: {exc.reason}", enhanced="4.7.5")
+            metrics.dnssec("MX", mx.security.value)
             self._note_mx(domain, mx.security.value)
             if not mx.secure and self.settings.insecure_mx != "dane":
                 return None
@@ -179,8 +182,10 @@ class Dane:
             if not addresses.records:
                 addresses = await self.resolver.validated(name, "AAAA")
         except DnsError as exc:
+            metrics.dnssec("A", "failed")
             return self._note(HostLookup(name, exc.reason, (), TlsaLookup(failure=Failure(
                 ResultType.DNSSEC_INVALID, exc.reason, "address-lookup-failed"))))
+        metrics.dnssec("A", addresses.security.value)
         if not addresses.secure:
             return self._note(HostLookup(name, "insecure", (), TlsaLookup()))
         candidates = _candidates(name, addresses)
@@ -190,9 +195,11 @@ class Dane:
             try:
                 answer = await self.resolver.validated(owner, "TLSA")
             except DnsError as exc:
+                metrics.dnssec("TLSA", "failed")
                 return self._note(HostLookup(name, "secure", candidates, TlsaLookup(
                     base_domain=base, failure=Failure(
                         ResultType.DNSSEC_INVALID, exc.reason, "tlsa-lookup-failed"))))
+            metrics.dnssec("TLSA", answer.security.value)
             if not answer.secure or not answer.records:
                 answers.append("secure denial" if answer.secure else "insecure answer")
                 continue  # no TLSA here

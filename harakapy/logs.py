@@ -24,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            event.update(fields)  # an event's facts for machines (the TLS line's)
         if self.worker is not None:
             event["worker"] = self.worker
         if record.exc_info:

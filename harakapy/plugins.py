@@ -17,6 +17,7 @@ import logging
 import re
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from harakapy import hookspecs, shipped
+from harakapy import hookspecs, metrics, shipped
 from harakapy.config import Config, ConfigError, Entry
 from harakapy.outbound.mx import MxHost
 from harakapy.results import PLUGIN_FAILED, Result, denysoft
@@ -258,6 +259,18 @@ class PluginManager:
         return bool(self.implementations(hook))
 
     async def _run(self, impl: Any, kwargs: dict[str, object]) -> object:
+        if not metrics.enabled():
+            return await self._call(impl, kwargs)
+        started, failed = time.perf_counter(), True
+        try:
+            answer = await self._call(impl, kwargs)
+            failed = False
+            return answer
+        finally:
+            metrics.hook(impl.plugin_name, impl.function.__name__,
+                         time.perf_counter() - started, failed)
+
+    async def _call(self, impl: Any, kwargs: dict[str, object]) -> object:
         # ``server`` is each plugin's own view; callers never pass it.
         view = self._views[impl.plugin_name]
         answer = impl.function(*[view if arg == "server" else kwargs[arg]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harakapy import metrics
 from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError
 from harakapy.dns import Resolver
@@ -35,6 +36,7 @@ from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.spool.report import check_id
 from harakapy.spool.store import QueuedMessage, Spool, SpoolError
+from harakapy.systemd import Notifier
 from harakapy.tasks import TaskRunner
 from harakapy.tls.settings import TlsSettings
 from harakapy.view import Core
@@ -66,6 +68,7 @@ SETTINGS_CHECKS: tuple[Callable[[Config], object], ...] = (
     lambda config: config.derive("outbound.settings", OutboundSettings.from_config),
     lambda config: config.derive("outbound.resolver", Resolver.from_config),
     requiretls_settings,
+    metrics.metrics_settings,
     check_me,
 )
 
@@ -125,6 +128,7 @@ class MailServer:
         self.listeners: list[tuple[ListenAddress, asyncio.Server]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+        self._metrics_task: asyncio.Task[None] | None = None
         self._reloading: asyncio.Lock | None = None
         self.outbound: OutboundQueue | None = None
         self._control: asyncio.Server | None = None
@@ -217,6 +221,10 @@ class MailServer:
         :raises ListenError: an address could not be bound.
         """
         await self.prepare()
+        if metrics.enable(self.config) and self.slot[1] == 1:
+            # With workers, the supervisor serves every worker's metrics.
+            self._metrics_task = asyncio.get_running_loop().create_task(
+                metrics.serve(self.config))
         await self._start_outbound()
         await self.background.start(self.plugins.background_tasks())
         loop = asyncio.get_running_loop()
@@ -240,7 +248,7 @@ class MailServer:
             bound = listener.sockets[0].getsockname()
             actual = ListenAddress(address.host, bound[1], address.implicit_tls)
             self.listeners.append((actual, listener))
-            if self._sockets is None:  # the supervisor says it once for all workers
+            if self.slot[1] == 1:  # the supervisor says it once for all workers
                 log.info("listening on %s%s", actual, " (implicit TLS)"
                          if address.implicit_tls else "")
         self._serving = True
@@ -334,16 +342,35 @@ class MailServer:
     def request_stop(self) -> None:
         self._stopped.set()
 
-    async def serve(self, *, install_signals: bool = True) -> None:
-        """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then drain and stop."""
+    async def serve(self, *, install_signals: bool = True,
+                    notifier: Notifier | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or :meth:`request_stop`), then drain and stop.
+
+        :param notifier: Tells systemd of reloads and the stop (the main process of a
+            single-process server); its watchdog runs while this serves.
+        """
         loop = asyncio.get_running_loop()
+        notifier = notifier or Notifier.disabled()
+
+        def stop() -> None:
+            notifier.stopping()
+            self.request_stop()
+
+        async def reload() -> None:
+            notifier.reloading()
+            done = await self.reload()
+            notifier.ready("serving" if done else "serving the old config: the reload "
+                           "was refused (see the log)")
+
         if install_signals:
-            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-            loop.add_signal_handler(signal.SIGINT, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
+            loop.add_signal_handler(signal.SIGTERM, stop)
+            loop.add_signal_handler(signal.SIGINT, stop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(reload()))
+        watchdog = loop.create_task(notifier.keep_alive())
         try:
             await self._stopped.wait()
         finally:
+            watchdog.cancel()
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
@@ -374,6 +401,9 @@ class MailServer:
                 protocol.abort()
             await asyncio.sleep(0)
         await self.background.stop()
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+            await asyncio.gather(self._metrics_task, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
         if self._control is not None:

@@ -35,12 +35,15 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harakapy import metrics, privileges
 from harakapy.config import Config
 from harakapy.inbound.settings import InboundSettings, ListenAddress
 from harakapy.spool.store import Spool
+from harakapy.systemd import Notifier, child_environment
 
 log = logging.getLogger("harakapy.supervisor")
 
@@ -137,7 +140,9 @@ class Supervisor:
     """
 
     def __init__(self, root: Path | None, config: Config, settings: InboundSettings,
-                 worker_args: list[str]) -> None:
+                 worker_args: list[str], *, check: Callable[[], object] = lambda: None
+                 ) -> None:
+        self.check = check
         self.root = root
         self.config = config
         self.settings = settings
@@ -145,6 +150,7 @@ class Supervisor:
         self.workers = [Worker(slot) for slot in range(settings.workers)]
         self._sockets: list[list[socket.socket]] = []
         self._stopping = asyncio.Event()
+        self.notifier = Notifier()
 
     async def run(self) -> int:
         """Start the workers, keep them running until SIGTERM, stop them; the exit code.
@@ -153,6 +159,12 @@ class Supervisor:
         """
         self._sockets = bind(self.settings.listen, len(self.workers))
         try:
+            # Bound as root; the rest, workers included, runs as [main] user.
+            privileges.prepare(self.settings.identity(),
+                               [self.config.queue_dir(), self.config.state_dir()])
+            privileges.drop(self.settings.identity())
+            self.check()
+            metrics.prepare_multiprocess(self.config)  # before any worker starts
             for address, sock in zip(self.settings.listen, self._sockets[0], strict=True):
                 port = sock.getsockname()[1]
                 log.info("listening on %s%s", ListenAddress(address.host, port),
@@ -162,14 +174,21 @@ class Supervisor:
             spool.remove_orphan_journals()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stopping.set)
-            loop.add_signal_handler(signal.SIGHUP, self._pass_on, signal.SIGHUP)
+                loop.add_signal_handler(sig, self._stop)
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
+            watchdog = loop.create_task(self.notifier.keep_alive())
+            serving = (loop.create_task(metrics.serve(self.config))
+                       if metrics.metrics_settings(self.config).enabled else None)
             try:
                 await self._start_all()
                 log.info("harakapy ready with %d workers (pids %s)", len(self.workers),
                          ", ".join(str(w.process.pid) for w in self.workers if w.process))
+                self.notifier.ready(f"serving with {len(self.workers)} workers")
                 await self._watch()
             finally:
+                watchdog.cancel()
+                if serving is not None:
+                    serving.cancel()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
                 await self._stop_all()
@@ -220,7 +239,7 @@ class Supervisor:
         try:
             worker.process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=[*descriptors, write_end])
+                pass_fds=[*descriptors, write_end], env=child_environment())
         finally:
             os.close(write_end)
         worker.started = time.monotonic()
@@ -270,6 +289,7 @@ class Supervisor:
             await asyncio.gather(*restarts, return_exceptions=True)
 
     async def _replace(self, worker: Worker, pid: int, code: int) -> None:
+        metrics.process_dead(pid)
         lived = time.monotonic() - worker.started
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         if lived >= STABLE_AFTER:
@@ -282,6 +302,17 @@ class Supervisor:
             await asyncio.wait_for(self._stopping.wait(), delay)
         if not self._stopping.is_set():
             await self._spawn(worker)
+
+    def _stop(self) -> None:
+        self.notifier.stopping()
+        self._stopping.set()
+
+    def _reload(self) -> None:
+        # Each worker reloads on its own (and keeps its old config if the new one is
+        # wrong, logging why): systemd hears that the reload was passed on.
+        self.notifier.reloading()
+        self._pass_on(signal.SIGHUP)
+        self.notifier.ready(f"serving with {len(self.workers)} workers (reload passed on)")
 
     def _pass_on(self, sig: signal.Signals) -> None:
         for worker in self.workers:

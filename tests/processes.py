@@ -53,9 +53,10 @@ def harakapy(*args: str, env: dict[str, str] | None = None, input: str | None = 
 class ServerProcess:
     """``harakapy run`` in a subprocess; ``lines`` collects its stderr as it arrives."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 python: str = sys.executable) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "harakapy", "run", *args], stdin=subprocess.DEVNULL,
+            [python, "-m", "harakapy", "run", *args], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})})
         self.lines: list[str] = []

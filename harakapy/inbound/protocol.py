@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr, login_always_fail
 
-from harakapy import dsn
+from harakapy import dsn, metrics
 from harakapy.inbound.address import (
     Address,
     AddressError,
@@ -331,9 +331,11 @@ class SmtpProtocol(SMTP):
             if len(server.connections) > server.settings.max_connections:
                 log.warning("%s refused: %d connections open (max_connections)",
                             connection.id, len(server.connections) - 1)
+                metrics.connection("too_many")
                 await self._close_with("421 4.3.2 Too many connections, try again later")
                 return
             if server.draining:
+                metrics.connection("shutting_down")
                 await self._close_with("421 4.3.2 Service shutting down")
                 return
             if self._implicit_handshake is not None and not await self._finish_tls(
@@ -346,8 +348,10 @@ class SmtpProtocol(SMTP):
                 reply = format_reply(code, result.message or "Connection refused",
                                      result.enhanced or "5.7.1")
                 log.info("%s connect refused: %s", connection.id, reply)
+                metrics.connection("refused")
                 await self._close_with(reply)
                 return
+            metrics.connection("accepted")
             await super()._handle_client()
         finally:
             server.connections.discard(self)
@@ -805,6 +809,7 @@ class SmtpProtocol(SMTP):
         if problem is not None:
             connection.transaction = None
             log.info("%s message refused: %s", connection.id, problem)
+            metrics.transaction(problem)
             await self.push(problem)
             return
         transaction.message = received_header(connection, transaction, self.hostname) + content
@@ -982,6 +987,7 @@ class SmtpProtocol(SMTP):
                              transaction.id, transaction.sender, ",".join(
                                  str(r) for r in transaction.recipients),
                              len(transaction.message or b""), hook)
+                metrics.transaction(reply)
                 await self._push_raw(reply)
                 return
             if result is None:
@@ -992,6 +998,7 @@ class SmtpProtocol(SMTP):
             reply = reply_for(result, default_message="Message not queued",
                               default_enhanced="5.3.0")
             log.info("%s %s refused id=%s: %s", connection.id, hook, transaction.id, reply)
+            metrics.transaction(reply)
             if result.disconnects:
                 await self._close_with(reply)
             else:

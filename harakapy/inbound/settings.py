@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from harakapy.config import Config, ConfigError, IniFile
+from harakapy.privileges import Identity, identity
 
 _ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$")
 
@@ -59,6 +60,12 @@ class InboundSettings:
     workers: int
     postmaster: str = ""
     allow_untrusted_routing: bool = False
+    user: str = ""
+    group: str = ""
+
+    def identity(self) -> Identity | None:
+        """``[main] user`` and ``group`` as uid and gid; ``None`` when no user is set."""
+        return identity(self.user, self.group) if self.user else None
 
     @classmethod
     def from_config(cls, config: Config) -> InboundSettings:
@@ -83,7 +90,22 @@ class InboundSettings:
             workers=ini.get_int("main", "workers", 0, minimum=0) or _cores(),
             postmaster=_postmaster(ini),
             allow_untrusted_routing=ini.get_bool("main", "allow_untrusted_routing", False),
+            **_user_and_group(ini),
         )
+
+
+def _user_and_group(ini: IniFile) -> dict[str, str]:
+    user = ini.get_str("main", "user").strip()
+    group = ini.get_str("main", "group").strip()
+    if group and not user:
+        raise ini.error("main", "group", "a group needs a user ([main] user)")
+    if user:
+        try:
+            identity(user, group)
+        except KeyError as exc:
+            raise ini.error("main", "group" if "group" in str(exc) else "user",
+                            exc.args[0]) from None
+    return {"user": user, "group": group}
 
 
 def _postmaster(ini: IniFile) -> str:

@@ -235,6 +235,7 @@ class Negotiator:
         :raises SessionError: the connection broke.
         """
         if plan.level is Level.NONE:
+            self._log_outcome(plan, session, "TLS not used (level none)")
             return session
         if not session.supports("STARTTLS"):
             if plan.requires_tls:
@@ -244,6 +245,7 @@ class Negotiator:
                     "starttls-not-supported"), session)
             elif plan.policy.discovery_failure is not None:
                 await self._report(plan, None, session)  # the discovery failure, below
+            self._log_outcome(plan, session, "no STARTTLS offered: plaintext")
             return session
         try:
             await session.starttls(self.context(plan), plan.servername)
@@ -258,8 +260,7 @@ class Negotiator:
                 raise
             await self._fail(plan, failure, session)  # raises when enforced
             if exc.stage is Stage.STARTTLS:
-                log.info("%s [%s] refused STARTTLS (%s); going on in plaintext",
-                         plan.host.hostname, session.peer_ip, exc.reply)
+                self._log_outcome(plan, session, f"STARTTLS refused ({exc.reply}): plaintext")
                 return session
             fresh = await reopen()
             if plan.level is not Level.MAY:
@@ -291,7 +292,32 @@ class Negotiator:
             await self._fail(plan, failure, session, required=True)
         if failure is None:
             await self._report(plan, None, session)
+        self._log_outcome(plan, session, _trust(plan, session, failure))
         return session
+
+    def _log_outcome(self, plan: HostPlan, session: SmtpSession, outcome: str) -> None:
+        """One line per delivery session on its TLS, in Postfix's words ("Verified TLS
+        connection established to ..."), with the policy and who decided it; the JSON log
+        gets the same as fields."""
+        if self.report is None:
+            return  # a probe's side connection
+        policy, source = plan.policy, plan.source
+        ssl_object = session.ssl_object
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        where = f"{plan.host.hostname}[{session.peer_ip}]:{plan.host.port}"
+        how = (f": {session.tls_version} with cipher {cipher[0]} ({cipher[2]} bits)"
+               if cipher else "")
+        decided = policy.decided_by or "the default"
+        text = (f"{outcome} TLS connection established to {where}{how}" if cipher else
+                f"{where}: {outcome}")
+        log.info("%s; policy %s (%s %s) by %s", text, plan.level.value, source.type,
+                 source.domain or plan.nexthop, decided, extra={"fields": {
+                     "event": "tls", "mx": plan.host.hostname, "ip": session.peer_ip,
+                     "port": plan.host.port, "nexthop": plan.nexthop,
+                     "trust": outcome if cipher else "none",
+                     "tls_version": session.tls_version, "cipher": cipher[0] if cipher else "",
+                     "level": plan.level.value, "policy_type": source.type,
+                     "policy_domain": source.domain or plan.nexthop, "decided_by": decided}})
 
     def _check_certificate(self, session: SmtpSession, plan: HostPlan) -> Failure | None:
         ssl_object = session.ssl_object
@@ -379,3 +405,18 @@ class Negotiator:
 def as_may(plan: HostPlan) -> HostPlan:
     """The plan for a report-only policy's fallback: ``may``, unreported."""
     return replace(plan, level=Level.MAY, tlsa=None, quiet=True)
+
+
+def _trust(plan: HostPlan, session: SmtpSession, failure: Failure | None) -> str:
+    """Postfix's word for a TLS session: ``Verified`` (a trusted chain naming the host, a
+    matching pin or TLSA record), ``Untrusted`` (not checked, or a check that failed but
+    did not stop the mail), ``Anonymous`` (no certificate at all)."""
+    ssl_object = session.ssl_object
+    if ssl_object is None or not ssl_object.getpeercert(binary_form=True):
+        return "Anonymous"
+    if failure is not None:
+        return "Untrusted"
+    if plan.level.verifies_chain or plan.level is Level.FINGERPRINT or (
+            plan.tlsa is not None and plan.tlsa.records):
+        return "Verified"
+    return "Untrusted"

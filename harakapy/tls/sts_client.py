@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from harakapy import metrics
 from harakapy.clock import Clock
 from harakapy.dns import DnsError, Resolver
 from harakapy.tls.mta_sts import NoRecord, StsError, StsPolicy, select_record
@@ -131,7 +132,9 @@ class StsClient:
             if use and seen.answer.entry is not None and now - seen.used >= USE_RESOLUTION:
                 seen.used = now
                 await asyncio.to_thread(self.store.touch, domain, now)
+            metrics.sts_lookup(cached=True)
             return seen.answer
+        metrics.sts_lookup(cached=False)
         async with self._locks.setdefault(domain, asyncio.Lock()):  # one fetch at a time
             now = self.clock.time()
             entry = await asyncio.to_thread(self.store.get, domain)
@@ -239,6 +242,7 @@ class StsClient:
                 port=self.settings.port, connect_timeout=self.settings.connect_timeout,
                 timeout=self.settings.timeout)
         except FetchError as exc:
+            metrics.sts_fetch(ok=False)
             failure = Failure(exc.result_type, exc.reason)
             noted = (entry or CachedPolicy(domain, used=used or now)).failed_now(
                 record_id, f"{exc.result_type.value}: {exc.reason}", now,
@@ -247,6 +251,7 @@ class StsClient:
             log.warning("MTA-STS: %s: %s%s", domain, exc,
                         "; the cached policy still applies" if noted.valid_at(now) else "")
             return replace(self._cached(noted, now, failure), attempted=True)
+        metrics.sts_fetch(ok=True)
         policy = fetched.policy
         # A none policy is cached like any other (RFC 8461 8.3): it replaces what was
         # there, and the domain has no policy until its TXT id changes.
