@@ -21,6 +21,10 @@ _XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _ADDR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 
 
+def is_xtext(text: str) -> bool:
+    return bool(text) and bool(_XTEXT.match(text))
+
+
 def xtext_decode(text: str) -> str:
     """``+XX`` escapes back to their characters."""
     return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)

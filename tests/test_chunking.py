@@ -168,3 +168,18 @@ async def test_a_chunk_that_stops_arriving_times_out(config_dir):
         assert await client.closed()
         await client.close()
     assert hp.captured == []
+
+
+async def test_nothing_pipelined_after_a_malformed_bdat_is_acted_on(server):
+    # Found by the fuzzer: the connection is closed, and the DATA behind the BDAT must
+    # not queue a message the client never hears a 250 for.
+    client = await RawClient.connect(server.port)
+    await client.reply()
+    await client.command("EHLO client.test")
+    await client.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@example.test>\r\n"
+                      b"BDAT\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+    replies = [await client.reply() for _ in range(3)]
+    assert [code for code, _ in replies] == [250, 250, 501]
+    assert await client.closed()
+    await client.close()
+    assert server.captured == []

@@ -241,3 +241,15 @@ async def test_a_delay_warning_goes_only_to_recipients_that_want_one(outbound_en
     fields = report(home.messages[0].data)
     assert fields["Action"] == ["delayed", "delayed"]
     assert fields["Final-Recipient"] == ["rfc822; carol@a.test", "rfc822; dave@a.test"]
+
+
+@pytest.mark.parametrize(("param", "code"), [("AUTH=<>", 250), ("AUTH=alice+40a.test", 250),
+                                             ("AUTH=", 501), ("AUTH=a+zz", 501)])
+async def test_mail_auth_parameter_is_accepted_and_ignored(config_dir, param, code):
+    # RFC 4954 5: a server that offers AUTH takes MAIL FROM's AUTH= (and may ignore it).
+    async with running_server(config_dir({"plugins": "relay\n"})) as hp:
+        client = await RawClient.connect(hp.port)
+        await client.reply()
+        await client.command("EHLO client.test")
+        assert (await client.command(f"MAIL FROM:<a@b.test> {param}"))[0] == code
+        await client.close()

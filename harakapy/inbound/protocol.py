@@ -233,7 +233,11 @@ class SmtpProtocol(SMTP):
 
     async def _run_command(self, method: Callable[..., Awaitable[None]], arg: Any) -> None:
         """Every command: refuse NUL, mark the connection busy, close once idle when
-        draining."""
+        draining. Nothing more is done once the connection is closing: what the client
+        pipelined after a command we hung up on is never acted on (a message queued
+        after the client was told goodbye would be one it never heard a 250 for)."""
+        if self.transport is None or self.transport.is_closing():
+            return
         if arg is not None and "\x00" in arg:
             await self.push("501 5.5.2 NUL character not allowed")
             return
@@ -676,6 +680,11 @@ class SmtpProtocol(SMTP):
                     return "501 5.5.4 SMTPUTF8 takes no value"
                 if not self.enable_SMTPUTF8:
                     return "555 5.5.4 SMTPUTF8 not supported"
+            elif name == "AUTH":
+                # RFC 4954 5: the identity that submitted the message, for servers that
+                # trust the client's word on it; we do not, and keep nothing of it.
+                if not isinstance(value, str) or not dsn.is_xtext(value):
+                    return "501 5.5.4 AUTH= must be xtext or <>"
             elif name in ("RET", "ENVID"):
                 problem = dsn.check_mail_param(name, value)
                 if problem is not None:
