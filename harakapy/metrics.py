@@ -133,11 +133,14 @@ _metrics: _Metrics | None = None
 
 
 def enable(config: Config) -> bool:
-    """Make the metrics of this process when ``config/metrics.ini`` turns them on."""
+    """Make the metrics of this process when ``config/metrics.ini`` turns them on (at
+    start: a reload does not turn them on or off); whether it does."""
     global _metrics
-    if _metrics is None and metrics_settings(config).enabled:
+    if not metrics_settings(config).enabled:
+        return False
+    if _metrics is None:
         _metrics = _Metrics()
-    return _metrics is not None
+    return True
 
 
 def enabled() -> bool:
