@@ -402,3 +402,19 @@ async def test_each_delivery_session_logs_its_tls_in_postfix_words(world):
     assert verified["decided_by"] == "tls_require" and verified["tls_version"].startswith("TLS")
     assert verified["msg"].startswith(
         f"Verified TLS connection established to mx.good.test[127.0.0.3]:{made.port}: TLSv1.")
+
+
+async def test_a_trusted_chain_at_may_is_trusted_and_an_unknown_one_untrusted(world):
+    made = await world()
+    server = made.start()
+    await asyncio.to_thread(server.wait_for, "ready")
+    await sendmail(made.smtp_port, "a@client.test", ["u@good.test"], BODY)
+    line = await asyncio.to_thread(server.wait_for, "TLS connection established to")
+    assert "Trusted TLS connection established to mx.good.test" in line  # tls.ini's CAs
+    server.stop()
+    (made.root / "config" / "tls.ini").write_text("")  # the system's CAs: not the test's
+    again = made.start()
+    await asyncio.to_thread(again.wait_for, "ready")
+    await sendmail(made.smtp_port, "a@client.test", ["v@good.test"], BODY)
+    line = await asyncio.to_thread(again.wait_for, "TLS connection established to")
+    assert "Untrusted TLS connection established to mx.good.test" in line

@@ -112,6 +112,7 @@ class Negotiator:
         self.settings = settings
         self.report = report
         self._contexts: dict[tuple, ssl.SSLContext] = {}
+        self._store: verify.TrustStore | None = None
 
     # -- contexts ---------------------------------------------------------------------
 
@@ -292,8 +293,24 @@ class Negotiator:
             await self._fail(plan, failure, session, required=True)
         if failure is None:
             await self._report(plan, None, session)
-        self._log_outcome(plan, session, _trust(plan, session, failure))
+        self._log_outcome(plan, session, self._trust(plan, session, failure))
         return session
+
+    def _trust(self, plan: HostPlan, session: SmtpSession, failure: Failure | None) -> str:
+        """Postfix's word for a TLS session: ``Verified`` (a trusted chain naming the
+        host, a matching pin or TLSA record), ``Trusted`` (a trusted chain where the
+        policy checked no name), ``Untrusted`` (no trusted chain, or a check that failed
+        without stopping the mail), ``Anonymous`` (no certificate)."""
+        ssl_object = session.ssl_object
+        if ssl_object is None or not ssl_object.getpeercert(binary_form=True):
+            return "Anonymous"
+        if failure is None and (plan.level.verifies_chain or plan.level is Level.FINGERPRINT
+                                or (plan.tlsa is not None and plan.tlsa.records)):
+            return "Verified"
+        if self._store is None:
+            self._store = verify.TrustStore(self.settings.ca_file)
+        return "Trusted" if self._store.trusts(verify.peer_chain(ssl_object)) else \
+            "Untrusted"
 
     def _log_outcome(self, plan: HostPlan, session: SmtpSession, outcome: str) -> None:
         """One line per delivery session on its TLS, in Postfix's words ("Verified TLS
@@ -406,17 +423,3 @@ def as_may(plan: HostPlan) -> HostPlan:
     """The plan for a report-only policy's fallback: ``may``, unreported."""
     return replace(plan, level=Level.MAY, tlsa=None, quiet=True)
 
-
-def _trust(plan: HostPlan, session: SmtpSession, failure: Failure | None) -> str:
-    """Postfix's word for a TLS session: ``Verified`` (a trusted chain naming the host, a
-    matching pin or TLSA record), ``Untrusted`` (not checked, or a check that failed but
-    did not stop the mail), ``Anonymous`` (no certificate at all)."""
-    ssl_object = session.ssl_object
-    if ssl_object is None or not ssl_object.getpeercert(binary_form=True):
-        return "Anonymous"
-    if failure is not None:
-        return "Untrusted"
-    if plan.level.verifies_chain or plan.level is Level.FINGERPRINT or (
-            plan.tlsa is not None and plan.tlsa.records):
-        return "Verified"
-    return "Untrusted"

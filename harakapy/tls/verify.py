@@ -13,6 +13,7 @@ import hmac
 import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -199,3 +200,55 @@ class CertificateFacts:
                    not_before=cert.not_valid_before_utc.isoformat(),
                    not_after=cert.not_valid_after_utc.isoformat(),
                    sha256=cert_digest, spki_sha256=key_digest)
+
+
+class TrustStore:
+    """The CAs ``verify`` trusts, for telling a ``Trusted`` session from an ``Untrusted``
+    one where the policy checked nothing (Postfix's log words): loaded on first use."""
+
+    def __init__(self, ca_file: Path | None) -> None:
+        self.ca_file = ca_file
+        self._store: object | None = None
+
+    def trusts(self, chain: Sequence[bytes]) -> bool:
+        """Whether ``chain`` (DER, leaf first) leads to one of the CAs, names aside."""
+        from cryptography.x509.verification import (
+            Criticality,
+            ExtensionPolicy,
+            PolicyBuilder,
+            VerificationError,
+        )
+
+        if not chain:
+            return False
+        store = self._load()
+        if store is None:
+            return False
+        try:
+            leaf = _load(chain[0])
+            names = certificate_names(chain[0])
+            if not names:
+                return False
+            # RFC 5280 for the CAs; the leaf as OpenSSL takes it (verify's own check),
+            # not the Web PKI's rules for leaf extensions.
+            verifier = PolicyBuilder().store(store).extension_policies(
+                ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                ee_policy=ExtensionPolicy.permit_all().require_present(
+                    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None),
+            ).build_server_verifier(
+                x509.DNSName(names[0].replace("*", "x", 1)))
+            verifier.verify(leaf, [_load(der) for der in chain[1:]])
+        except (VerificationError, ValueError):
+            return False
+        return True
+
+    def _load(self) -> object | None:
+        if self._store is None:
+            from cryptography.x509.verification import Store
+
+            path = self.ca_file or Path(ssl.get_default_verify_paths().openssl_cafile)
+            try:
+                self._store = Store(x509.load_pem_x509_certificates(path.read_bytes()))
+            except (OSError, ValueError):
+                self._store = False
+        return self._store or None
