@@ -42,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harakapy.config import Config
     from harakapy.inbound.settings import InboundSettings
     from harakapy.server import ListenError, MailServer
+    from harakapy.spool.store import SpoolError
     from harakapy.supervisor import StartError, Supervisor, bind
     from harakapy.systemd import Notifier
 
@@ -84,6 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"config error: {exc}", 2)
     except privileges.PrivilegeError as exc:
         return _fail(str(exc), 2)
+    except SpoolError as exc:
+        return _fail(f"cannot use the spool: {exc}", 1)
     except (ListenError, StartError) as exc:
         code = getattr(exc, "code", 1)
         return _fail(str(exc), code) if code else 0

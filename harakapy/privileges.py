@@ -84,11 +84,17 @@ def prepare(who: Identity | None, directories: list[Path]) -> None:
                     f"{needed}: install harakapy and its Python where {who.user} can read "
                     f"them (a venv under /opt, say)")
     for directory in directories:
-        if not directory.exists():
-            directory.mkdir(mode=0o700, parents=True)
-            if os.geteuid() == 0:
-                os.chown(directory, who.uid, who.gid)
-        for path in [directory, *(p for p in directory.iterdir() if p.is_dir())]:
+        try:
+            if not directory.exists():
+                directory.mkdir(mode=0o700, parents=True)
+                if os.geteuid() == 0:
+                    os.chown(directory, who.uid, who.gid)
+            paths = [directory, *(p for p in directory.iterdir() if p.is_dir())]
+        except OSError as exc:
+            raise PrivilegeError(f"cannot make {directory} for {who.user} ([main] user): "
+                                 f"{exc.strerror}; create it and run chown -R "
+                                 f"{who.user}:{who.group} {directory}") from None
+        for path in paths:
             owner = path.stat().st_uid
             if owner != who.uid:
                 raise PrivilegeError(

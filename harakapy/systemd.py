@@ -86,7 +86,7 @@ def unit(root: Path, *, user: str = "", group: str = "") -> str:
         who = ["# Starts as root, binds its ports, then drops to [main] user/group of",
                "# config/smtp.ini for good (docs/operations.md).",
                "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID "
-               "CAP_DAC_READ_SEARCH"]
+               "CAP_CHOWN CAP_DAC_READ_SEARCH"]
     else:
         who = ["User=harakapy", f"Group={group or 'harakapy'}",
                "AmbientCapabilities=CAP_NET_BIND_SERVICE",

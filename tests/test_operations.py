@@ -396,9 +396,10 @@ async def test_each_delivery_session_logs_its_tls_in_postfix_words(world):
     event = json.loads(line)
     assert event["mx"] in ("mx.good.test", "mx.refusing.test")
     plain = json.loads(await asyncio.to_thread(server.wait_for, "no STARTTLS offered"))
-    assert plain["trust"] == "none" and plain["level"] == "may"
+    assert plain["trust"] == "none" and plain["policy_level"] == "may"
     verified = json.loads(await asyncio.to_thread(server.wait_for, "Verified TLS connection"))
-    assert verified["trust"] == "Verified" and verified["level"] == "verify"
+    assert verified["trust"] == "Verified" and verified["policy_level"] == "verify"
+    assert verified["level"] == "info"  # the log level, as on every line
     assert verified["decided_by"] == "tls_require" and verified["tls_version"].startswith("TLS")
     assert verified["msg"].startswith(
         f"Verified TLS connection established to mx.good.test[127.0.0.3]:{made.port}: TLSv1.")

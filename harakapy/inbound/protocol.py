@@ -977,9 +977,12 @@ class SmtpProtocol(SMTP):
         connection = self.connection
         assert connection is not None
         try:
-            if await self._decide("data_post", transaction=transaction,
-                                  default_message="Message refused", default_enhanced="5.7.1",
-                                  ok_reply=None) is not None:
+            refused = await self._decide("data_post", transaction=transaction,
+                                         default_message="Message refused",
+                                         default_enhanced="5.7.1", ok_reply=None)
+            if refused is not None:
+                metrics.transaction(str(refused.code or (
+                    4 if refused.action is Action.DENYSOFT else 5)))
                 return
             hook = "queue_outbound" if connection.relaying else "queue"
             plugins = self.server.plugins

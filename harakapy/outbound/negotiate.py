@@ -333,7 +333,7 @@ class Negotiator:
                      "port": plan.host.port, "nexthop": plan.nexthop,
                      "trust": outcome if cipher else "none",
                      "tls_version": session.tls_version, "cipher": cipher[0] if cipher else "",
-                     "level": plan.level.value, "policy_type": source.type,
+                     "policy_level": plan.level.value, "policy_type": source.type,
                      "policy_domain": source.domain or plan.nexthop, "decided_by": decided}})
 
     def _check_certificate(self, session: SmtpSession, plan: HostPlan) -> Failure | None:
@@ -390,7 +390,16 @@ class Negotiator:
         if self.report is not None:  # a probe's side connections check quietly
             log.warning("TLS policy (%s) not met by %s [%s] for %s: %s", plan.level,
                         plan.host.hostname, session.peer_ip if session else "-",
-                        plan.nexthop, failure.reason)
+                        plan.nexthop, failure.reason, extra={"fields": {
+                            "event": "tls_failure", "mx": plan.host.hostname,
+                            "ip": session.peer_ip if session else "",
+                            "port": plan.host.port, "nexthop": plan.nexthop,
+                            "policy_level": plan.level.value,
+                            "policy_type": plan.source.type,
+                            "policy_domain": plan.source.domain or plan.nexthop,
+                            "decided_by": plan.policy.decided_by or "the default",
+                            "result_type": failure.result_type.value,
+                            "failure_code": failure.code}})
         if session is not None:
             await session.quit()
         raise TlsFailure(failure, requiretls=plan.policy.requiretls)
