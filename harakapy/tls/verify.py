@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ssl
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +249,12 @@ class TrustStore:
 
             path = self.ca_file or Path(ssl.get_default_verify_paths().openssl_cafile)
             try:
-                self._store = Store(x509.load_pem_x509_certificates(path.read_bytes()))
+                with warnings.catch_warnings():
+                    # System bundles hold old roots cryptography frowns on (a negative
+                    # serial); OpenSSL takes them, and so does this word for the log.
+                    warnings.simplefilter("ignore")
+                    certificates = x509.load_pem_x509_certificates(path.read_bytes())
+                self._store = Store(certificates)
             except (OSError, ValueError):
                 self._store = False
         return self._store or None
