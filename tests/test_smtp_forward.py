@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 from contextlib import AsyncExitStack
 
@@ -67,3 +68,23 @@ async def test_lmtp_backend_per_recipient_replies(gateway):
         await eventually(lambda: len(backend.messages) == 2)
         assert backend.messages[1].recipients == ["full@corp.test"]
         await eventually(lambda: not list(queue.iterdir()))
+
+
+async def test_a_success_notice_for_an_lmtp_mailbox_says_delivered(gateway):
+    # RFC 3464 2.3.3: into a mailbox is "delivered"; handed to another server "relayed".
+    root, port = gateway(lmtp=True)
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(ReceivingMTA("127.0.0.2", port, lmtp=True))
+        hp = await stack.enter_async_context(running_server(root))
+
+        def run() -> None:
+            with smtplib.SMTP("127.0.0.1", hp.port, timeout=30) as smtp:
+                smtp.sendmail("boss@corp.test", ["user@corp.test"],
+                              b"Subject: in\r\n\r\nx\r\n", rcpt_options=["NOTIFY=SUCCESS"])
+
+        await asyncio.to_thread(run)
+        # The notice goes to the sender's mailbox on the same backend.
+        await eventually(lambda: len(backend.messages) == 2)
+        notice = backend.messages[1]
+        assert notice.sender == "<>" and notice.recipients == ["boss@corp.test"]
+        assert b"Action: delivered" in notice.data and b"Status: 2.0.0" in notice.data

@@ -41,10 +41,11 @@ def _fold(text: str) -> str:
     return " ".join(text.split())[:900]
 
 
-FAILED, DELAYED, RELAYED = "failed", "delayed", "relayed"
+FAILED, DELAYED, RELAYED, DELIVERED = "failed", "delayed", "relayed", "delivered"
 _SUBJECTS = {FAILED: "Undelivered Mail Returned to Sender",
              DELAYED: "Delayed Mail (still being retried)",
-             RELAYED: "Successful Mail Delivery Report"}
+             RELAYED: "Successful Mail Delivery Report",
+             DELIVERED: "Successful Mail Delivery Report"}
 _EXPLAINED = {
     FAILED: "I'm sorry to have to inform you that your message could not be delivered to "
             "one or more recipients. It's attached below.",
@@ -53,6 +54,8 @@ _EXPLAINED = {
     RELAYED: "Your message was handed to the recipients' mail servers below, which do not "
              "offer delivery status notifications: this is the last report you will get "
              "about them, as you asked with NOTIFY=SUCCESS.",
+    DELIVERED: "Your message was delivered to the mailboxes of the recipients below, as "
+               "you asked to hear with NOTIFY=SUCCESS.",
 }
 
 
@@ -64,8 +67,9 @@ def build_dsn(message: QueuedMessage, failures: list[Failure], *, me: str,
     :param me: Our host name (Reporting-MTA, From: MAILER-DAEMON@me).
     :param delayed: A delay warning (Action: delayed) instead of a bounce (Action: failed).
     :param retry_until: For a delay warning, when we give up (Will-Retry-Until).
-    :param action: ``relayed`` for a success notice (RFC 3461 NOTIFY=SUCCESS to a server
-        without DSN); by default ``failed``, or ``delayed`` with ``delayed``.
+    :param action: ``relayed`` or ``delivered`` for a success notice (RFC 3461
+        NOTIFY=SUCCESS to a server without DSN, an LMTP mailbox); by default ``failed``,
+        or ``delayed`` with ``delayed``.
     """
     action = action or (DELAYED if delayed else FAILED)
     boundary = f"=_harakapy_{os.urandom(8).hex()}"

@@ -39,6 +39,7 @@ class RecipientResult:
     mx: str = ""
     remote: bool = False
     dsn_passed: bool = False  # delivered to a server that took our DSN parameters
+    final: bool = False  # delivered into a mailbox (LMTP), not relayed on
 
 
 @dataclass(slots=True)
@@ -327,7 +328,7 @@ class Delivery:
             outcome.results.append(RecipientResult(index, state, str(reply),
                                                    _enhanced(reply, default), host.hostname,
                                                    remote=not reply.local,
-                                                   dsn_passed=dsn_passed))
+                                                   dsn_passed=dsn_passed, final=host.lmtp))
         outcome.requiretls_met = plan.policy.requiretls
         await self.pool.give_back(key, session)
         return "done"

@@ -594,7 +594,8 @@ class OutboundQueue:
     async def _notify_success(self, message: QueuedMessage,
                               delivered: list[RecipientResult]) -> None:
         """RFC 3461 NOTIFY=SUCCESS for recipients handed to a server without DSN: a
-        ``relayed`` notice from us (a server with DSN took the request along)."""
+        ``relayed`` notice from us, ``delivered`` for an LMTP mailbox (a server with DSN
+        took the request along)."""
         told = [r for r in delivered if not r.dsn_passed and not message.is_bounce
                 and wants(message.recipients[r.index].notify, SUCCESS)]
         if not told:
@@ -602,8 +603,10 @@ class OutboundQueue:
         notices = [Failure(message.recipients[r.index].address, "2.0.0", r.reply, r.mx,
                            remote=True, orcpt=message.recipients[r.index].orcpt)
                    for r in told]
+        # RFC 3464 2.3.3: "delivered" into a mailbox (an LMTP backend), else "relayed".
+        action = "delivered" if all(r.final for r in told) else "relayed"
         dsn = await self._in_thread(build_dsn, message, notices, me=self.server.me,
-                                    action="relayed")
+                                    action=action)
         queued = await self._submit_notice(message, dsn)
         log.info("%s success notice (NOTIFY=SUCCESS) queued as %s for <%s>", message.id,
                  queued.id, message.sender)
