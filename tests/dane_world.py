@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.dnssec_world import DnssecWorld, tlsa_name
+from tests.dnssec_world import DnssecWorld, tlsa_name, tlsa_text
 from tests.outbound_env import RECORDER, Env, EnvFactory, free_port_on_all
 from tests.servers import ReceivingMTA, StartTlsStripper
 
@@ -118,3 +118,10 @@ def zone(name: str, ip: str = MX_IP, extra: str = "") -> str:
 
 def sent_in_plaintext(attacker: StartTlsStripper) -> bytes:
     return bytes(attacker.from_client)
+
+
+def dane_ee_zone(name: str, cert: Cert, ip: str = MX_IP):
+    """``zone`` for ``name`` with a DANE-EE record (3 1 1) of ``cert`` for its MX: a
+    ``zone_of(port)`` for :func:`dane_world_factory`."""
+    return lambda port: zone(name, ip, extra=(
+        f"{tlsa_name(f'mx.{name}', port)} TLSA {tlsa_text(3, 1, 1, cert.der)}\n"))

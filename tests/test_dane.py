@@ -13,6 +13,7 @@ from tests.dane_world import (
     MX_IP,
     POLICY_IP,
     REAL_IP,
+    dane_ee_zone,
     issued,
     self_signed,
     sent_in_plaintext,
@@ -27,8 +28,7 @@ from tests.policy_host import PolicyHost, plain, server_context
 async def test_dane_ee_delivers_to_a_self_signed_server_the_tlsa_record_names(
         dane_world, tmp_path):
     cert = self_signed(tmp_path, "mx.a.test")
-    world = await dane_world(lambda port: zone("a.test", extra=(
-        f"{tlsa_name('mx.a.test', port)} TLSA {tlsa_text(3, 1, 1, cert.der)}\n")))
+    world = await dane_world(dane_ee_zone("a.test", cert))
     mx = await world.mx(MX_IP, cert)
     await world.env.send("bob@a.test")
     await eventually(lambda: mx.messages)
@@ -55,8 +55,7 @@ async def test_the_wrong_key_is_never_sent_the_mail(dane_world, tmp_path):
 
 async def test_starttls_stripped_in_front_of_a_dane_mx_leaks_nothing(dane_world, tmp_path):
     cert = self_signed(tmp_path, "mx.a.test")
-    world = await dane_world(lambda port: zone("a.test", extra=(
-        f"{tlsa_name('mx.a.test', port)} TLSA {tlsa_text(3, 1, 1, cert.der)}\n")))
+    world = await dane_world(dane_ee_zone("a.test", cert))
     real = await world.mx(REAL_IP, cert)
     attacker = await world.stripper(MX_IP, real)
     await world.env.send("bob@a.test")

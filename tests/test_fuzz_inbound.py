@@ -244,6 +244,9 @@ def sessions(draw) -> tuple[bool, list[Step]]:
 # -- driving one session ---------------------------------------------------------------------
 
 def _client_context() -> ssl.SSLContext:
+    # The fuzzer is a client of the server under test, which offers a self-signed
+    # certificate by default: what is tested is the server's side of the dialogue, not
+    # the client's trust in it.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -373,13 +376,20 @@ def test_generated_sessions_never_break_the_server(server):
         first = tracemalloc.take_snapshot().filter_traces(_SERVER_CODE)
         for pipelined, steps in replay[:100]:
             run_session(server.port, pipelined, steps)
-        gc.collect()
-        last = tracemalloc.take_snapshot().filter_traces(_SERVER_CODE)
+        # A connection just closed is still held a moment (its TLS buffer of 256 KB by
+        # asyncio, an idle timer not yet cancelled): what a leak holds never goes.
+        deadline = time.monotonic() + 15
+        while True:
+            gc.collect()
+            last = tracemalloc.take_snapshot().filter_traces(_SERVER_CODE)
+            grown = last.compare_to(first, "lineno")
+            left = sum(stat.size_diff for stat in grown)
+            if left < 64 << 10 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)  # a poll interval; the loop ends when the memory is back
     finally:
         tracemalloc.stop()
-    grown = last.compare_to(first, "lineno")
-    left = sum(stat.size_diff for stat in grown)
-    assert left < 256 << 10, f"the sessions left {left} bytes behind: {grown[:3]}"
+    assert left < 64 << 10, f"the sessions left {left} bytes behind: {grown[:3]}"
 
 
 _SERVER_CODE = [tracemalloc.Filter(True, pattern, all_frames=True)

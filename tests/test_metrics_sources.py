@@ -11,8 +11,7 @@ from prometheus_client import REGISTRY
 from harakapy import metrics
 from harakapy.config import Config
 from tests.dane_world import MX_IP as DANE_MX
-from tests.dane_world import self_signed, zone
-from tests.dnssec_world import tlsa_name, tlsa_text
+from tests.dane_world import dane_ee_zone, self_signed
 from tests.harness import eventually
 from tests.sts_world import MX_IP
 
@@ -46,8 +45,7 @@ async def test_dnssec_states_seen_by_dane_are_counted(counting, dane_world, tmp_
     secure_mx = sample("harakapy_dane_dnssec_states_total", rdtype="MX", state="secure")
     secure_tlsa = sample("harakapy_dane_dnssec_states_total", rdtype="TLSA", state="secure")
     cert = self_signed(tmp_path, "mx.a.test")
-    world = await dane_world(lambda port: zone("a.test", extra=(
-        f"{tlsa_name('mx.a.test', port)} TLSA {tlsa_text(3, 1, 1, cert.der)}\n")))
+    world = await dane_world(dane_ee_zone("a.test", cert))
     mx = await world.mx(DANE_MX, cert)
     await world.env.send("bob@a.test")
     await eventually(lambda: mx.messages)

@@ -466,15 +466,7 @@ class SmtpSession:
             await self.rset()
             return result
         await self._send(Stage.DATA, dot_stuff(message))
-        if self.lmtp:
-            finals = {i: await self.read_reply(Stage.DATA, self.timeouts.data_done)
-                      for i in accepted}
-        else:
-            done = await self.read_reply(Stage.DATA, self.timeouts.data_done)
-            finals = dict.fromkeys(accepted, done)
-        result.recipients = [finals.get(i, r) for i, r in enumerate(rcpt)]
-        self.messages_sent += 1
-        return result
+        return await self._end_of_message(result, rcpt, accepted)
 
     async def _send_chunked(self, mail_line: str, rcpt_lines: list[str], text: bytes
                             ) -> TransactionResult:
@@ -506,6 +498,12 @@ class SmtpSession:
             return result
         if not sent:
             await self._send(Stage.DATA, chunk)
+        return await self._end_of_message(result, rcpt, accepted)
+
+    async def _end_of_message(self, result: TransactionResult, rcpt: list[Reply],
+                              accepted: list[int]) -> TransactionResult:
+        """The replies to the message's end (DATA's dot, BDAT LAST): one for all, or with
+        LMTP one per accepted recipient (RFC 2033 4.2)."""
         if self.lmtp:
             finals = {i: await self.read_reply(Stage.DATA, self.timeouts.data_done)
                       for i in accepted}
