@@ -299,7 +299,26 @@ def open_dir():
 
 
 @pytest.fixture
-def nobody_python(open_dir) -> str:
+def checkout_reachable():
+    """Let nobody pass through the directories above this checkout and its venv for the
+    test (a clone in ``mktemp -d`` sits in a 0700 directory), and put their modes back
+    after: what is tested is the drop, not where CI cloned the repository."""
+    from harakapy.privileges import _unreachable, identity
+
+    who = identity("nobody")
+    changed: dict[Path, int] = {}
+    for needed in (Path(__file__).resolve().parent.parent,
+                   Path(sysconfig.get_paths()["purelib"]).resolve()):
+        while (blocked := _unreachable(needed, who)) is not None and blocked not in changed:
+            changed[blocked] = blocked.stat().st_mode
+            blocked.chmod(changed[blocked] | 0o001)  # search only, no listing
+    yield
+    for path, mode in changed.items():
+        path.chmod(mode)
+
+
+@pytest.fixture
+def nobody_python(open_dir, checkout_reachable) -> str:
     """A Python that nobody can run, with this checkout's packages: the test machine's
     own interpreter may live under /root, which nobody cannot enter (and harakapy says
     so and refuses to start, test_an_unreachable_installation_is_refused)."""
