@@ -338,8 +338,11 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
         try:
             wanted = day or (utc_day(clock.time()) if args.action == "show" else
                              utc_day(clock.time()) - datetime.timedelta(days=1))
+            if not await service.ship():
+                return ("harakapy: the fleet's Redis cannot be reached: reports need every "
+                        "node's counts (config/redis.ini)", 1)
             domains = [args.domain] if getattr(args, "domain", None) else \
-                await asyncio.to_thread(service.sessions.domains, wanted)
+                await service.ledger.domains(wanted)
             reports = [await service.report(wanted, domain) for domain in domains]
             if args.action == "show":
                 if args.json:
@@ -374,6 +377,8 @@ def cmd_tlsrpt(args: argparse.Namespace) -> int:
             return "\n".join(lines) or f"no sessions on {wanted.isoformat()}", 0
         finally:
             service.close()
+            if service.fleet is not None:
+                await service.fleet.link.close()
 
     try:
         text, code = _run_loop(main())

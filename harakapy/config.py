@@ -404,6 +404,11 @@ class Config:
         entries = self.list(name).values
         return entries[0] if entries else default
 
+    def derived(self, key: str) -> object | None:
+        """What :meth:`derive` built under ``key``, if it built it yet."""
+        with self._lock:
+            return self._derived.get(key)
+
     def derive(self, key: str, build: Callable[[Config], T]) -> T:
         """Build something from this config once, and cache it until the config is reloaded.
 

@@ -30,6 +30,8 @@ from pathlib import Path
 from harakapy.clock import Clock
 from harakapy.config import Config
 from harakapy.dns import Resolver
+from harakapy.fleet import fleet_link
+from harakapy.fleet.sts import StsFleet
 from harakapy.outbound.mx import MxHost
 from harakapy.outbound.tls_policy import tls_settings
 from harakapy.results import Result, denysoft
@@ -55,6 +57,16 @@ def sts_config(config: Config) -> StsConfig:
         c, tls_settings(c).ca_file, tls_settings(c).min_version))
 
 
+def sts_fleet(config: Config, settings: StsConfig) -> StsFleet | None:
+    """The fleet's shared cache, when ``config/redis.ini`` names a fleet that shares it."""
+    link = fleet_link(config)
+    if link is None or not link.settings.share_mta_sts:
+        return None
+    client = settings.client
+    return StsFleet(link, hold=client.connect_timeout + client.timeout + 5.0,
+                    keep=settings.refresh.forget_after)
+
+
 def cache_path(config: Config) -> Path:
     """Where the policy cache is: ``[main] cache``, else the plugin's state folder."""
     configured = sts_config(config).cache
@@ -76,18 +88,21 @@ class MtaSts:
     """
 
     def __init__(self, config: StsConfig, store: PolicyStore, resolver: Resolver,
-                 clock: Clock) -> None:
+                 clock: Clock, fleet: StsFleet | None = None) -> None:
         self.config = config
         self.store = store
         self.resolver = resolver
         self.clock = clock
-        self.client = StsClient(resolver, store, clock, config.client)
+        self.client = StsClient(resolver, store, clock, config.client, fleet)
         self._published_mx: dict[str, tuple[float, tuple[str, ...]]] = {}
 
     @classmethod
     def from_config(cls, config: Config, resolver: Resolver, clock: Clock) -> MtaSts:
-        """One per config generation and process (the cache file is shared)."""
-        return cls(sts_config(config), SqliteStore(cache_path(config)), resolver, clock)
+        """One per config generation and process (the cache file is shared; so is the
+        fleet's, when ``config/redis.ini`` names one)."""
+        settings = sts_config(config)
+        return cls(settings, SqliteStore(cache_path(config)), resolver, clock,
+                   sts_fleet(config, settings))
 
     @staticmethod
     def check_config(config: Config) -> StsConfig:
@@ -173,7 +188,10 @@ class MtaSts:
                 log.info("MTA-STS: %s: expired and unused, removed from the cache",
                          entry.domain)
             elif self.refresh_due(entry, now):
-                answers.append(await self.client.refresh(entry.domain))
+                # Another node of a fleet may have renewed it meanwhile.
+                current = await self.client.current(entry.domain)
+                if current is not None and self.refresh_due(current, now):
+                    answers.append(await self.client.refresh(entry.domain))
         return answers
 
     async def run_refresh(self) -> None:

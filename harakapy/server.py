@@ -25,6 +25,7 @@ from harakapy import metrics
 from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError
 from harakapy.dns import Resolver
+from harakapy.fleet import close_fleet_link, fleet_settings
 from harakapy.inbound.connection import Transaction
 from harakapy.inbound.protocol import SmtpProtocol
 from harakapy.inbound.settings import InboundSettings, ListenAddress, check_me
@@ -69,6 +70,7 @@ SETTINGS_CHECKS: tuple[Callable[[Config], object], ...] = (
     lambda config: config.derive("outbound.resolver", Resolver.from_config),
     requiretls_settings,
     metrics.metrics_settings,
+    fleet_settings,
     check_me,
 )
 
@@ -329,8 +331,9 @@ class MailServer:
             except Exception:
                 log.exception("config reload failed, still running the old config")
                 return False
-            old_listen = self.settings.listen
+            old_listen, old_config = self.settings.listen, self.config
             self._state = state
+            self.spawn(close_fleet_link(old_config))
             if state.settings.listen != old_listen:
                 log.warning("listen addresses changed; they take effect after a restart")
             log.info("config reloaded; plugins: %s",
@@ -415,4 +418,5 @@ class MailServer:
             await self.outbound.stop(grace=remaining)
         self._slot_lock.release()
         await self.plugins.call_all("shutdown")
+        await close_fleet_link(self.config)
         log.info("stopped")

@@ -19,6 +19,9 @@ Rules:
    failing one is tried again with a back-off from 5 minutes, for up to 24 hours.
 5. A domain with no TLSRPT record gets no report; every day's data is dropped after
    ``retention`` days, sent or not.
+6. In a fleet (``config/redis.ini``) each node counts as above and hands its totals to
+   the fleet every ``flush_interval``; the reports cover every node's sessions and one
+   node sends each (``harakapy.fleet.tlsrpt``). While Redis is away reports wait.
 """
 
 from __future__ import annotations
@@ -45,11 +48,14 @@ from harakapy.clock import Clock
 from harakapy.config import Config
 from harakapy.dkim import DkimSigner, verified_domains
 from harakapy.dns import DnsError, Resolver
+from harakapy.fleet import FleetDown, RedisLink, fleet_link
+from harakapy.fleet.tlsrpt import FleetLedger
 from harakapy.spool.store import QueuedMessage, SpoolError
 from harakapy.tls.policy import Level, Policy
 from harakapy.tls.results import TlsResult
 from harakapy.tls.sts_fetch import ServerResolver
 from harakapy.tls.tlsrpt import TlsrptError, TlsrptRecord, select_record
+from harakapy.tls.tlsrpt_ledger import Lease, Ledger, LocalLedger
 from harakapy.tls.tlsrpt_report import (
     compressed,
     file_name,
@@ -162,14 +168,22 @@ class Tlsrpt:
 
     :param submit: ``server.submit`` (``None`` in a command without a queue: mailto
         destinations then wait for the server).
+    :param fleet: The fleet's ledger (rule 6): built from the link with this node's own.
     """
 
     def __init__(self, settings: TlsrptSettings, path: Path, resolver: Resolver,
                  clock: Clock, submit: Submit | None, signer: DkimSigner | None,
-                 ca_file: Path | None = None) -> None:
+                 ca_file: Path | None = None, fleet: RedisLink | None = None) -> None:
         self.settings = settings
         self.sessions = SessionStore(path)
         self.deliveries = DeliveryLog(path)
+        local = LocalLedger(self.sessions, self.deliveries)
+        self.fleet = None if fleet is None else FleetLedger(
+            fleet, local, lease=fleet.settings.lease, settle=fleet.settings.settle,
+            grace=max(60.0, 10 * settings.flush_interval),
+            flushed=2 * settings.flush_interval, retention=settings.retention)
+        self.ledger: Ledger = self.fleet or local
+        self._fleet_down = False
         self.resolver = resolver
         self.clock = clock
         self.submit = submit
@@ -190,8 +204,10 @@ class Tlsrpt:
         if settings.submitter not in signer.keys:
             log.warning("TLSRPT: no DKIM key for %s in config/dkim_sign.ini: receivers "
                         "ignore unsigned report mail (RFC 8460 3)", settings.submitter)
+        link = fleet_link(config)
         return cls(settings, data_path(config), resolver, clock, submit, signer,
-                   tls_settings(config).ca_file)
+                   tls_settings(config).ca_file,
+                   link if link is not None and link.settings.share_tlsrpt else None)
 
     @staticmethod
     def check_config(config: Config) -> TlsrptSettings:
@@ -223,6 +239,25 @@ class Tlsrpt:
             await self.clock.sleep(self.settings.flush_interval)
             await self.flush()
 
+    async def ship(self) -> bool:
+        """Rule 6: hand this node's counts to the fleet; whether Redis took them (always
+        true without a fleet)."""
+        if self.fleet is None:
+            return True
+        try:
+            await self.fleet.ship(self.clock.time())
+        except FleetDown:
+            return False
+        return True
+
+    async def run_ship(self) -> None:
+        """Rule 6, every ``flush_interval`` (nothing without a fleet)."""
+        if self.fleet is None:
+            return
+        while True:
+            await self.clock.sleep(self.settings.flush_interval)
+            await self.ship()
+
     @staticmethod
     def is_report(message: QueuedMessage | None) -> bool:
         """Whether ``message`` is one of our reports (rule 2)."""
@@ -248,7 +283,7 @@ class Tlsrpt:
         return midnight + settled + self.delay(day, domain)
 
     async def report(self, day: datetime.date, domain: str) -> dict[str, Any]:
-        counts = await asyncio.to_thread(self.sessions.counts, day, domain)
+        counts = await self.ledger.counts(day, domain)
         return report_json(organization=self.settings.organization,
                            contact=self.settings.contact, day=day, domain=domain,
                            policies=counts)
@@ -300,15 +335,23 @@ class Tlsrpt:
         :param schemes: The destinations to try now (a command without the queue sends
             to ``https`` ones only; the others keep their state for the server).
         """
-        record = await self.discover(domain)
         ident = report_id(day, domain, self.settings.submitter)
+        async with self.ledger.lease(ident) as lease:
+            if not lease.held:
+                log.info("TLSRPT: another node is sending the report %s", ident)
+                return []
+            return await self._send(day, domain, ident, lease, schemes)
+
+    async def _send(self, day: datetime.date, domain: str, ident: str, lease: Lease,
+                    schemes: tuple[str, ...]) -> list[Outcome]:
+        record = await self.discover(domain)
         now = self.clock.time()
         if record is None or not record.rua:
-            await asyncio.to_thread(self.deliveries.begin, ident, [], now)
+            await self.ledger.begin(ident, [], now)
             return []
         ruas = [str(rua) for rua in record.rua]
-        await asyncio.to_thread(self.deliveries.begin, ident, ruas, now)
-        states = await asyncio.to_thread(self.deliveries.states, ident)
+        await self.ledger.begin(ident, ruas, now)
+        states = await self.ledger.states(ident)
         report = await self.report(day, domain)
         body = compressed(report)
         outcomes = []
@@ -316,6 +359,10 @@ class Tlsrpt:
             state, attempts, first_try, next_try, _error = states[str(rua)]
             if state != DeliveryLog.PENDING or next_try > now or rua.scheme not in schemes:
                 continue
+            if not await lease.renew():
+                log.warning("TLSRPT: the lease on the report %s lapsed; its holder's "
+                            "successor sends the rest", ident)
+                break
             error = await (self._mail(report, body, domain, rua.target, ident)
                            if rua.scheme == "mailto" else self.post(rua.target, body))
             if not error:
@@ -330,8 +377,8 @@ class Tlsrpt:
                 retry = now + min(FIRST_RETRY * 2 ** attempts, 6 * 3600.0)
                 log.info("TLSRPT: %s for %s failed (%s); trying again later", rua, ident,
                          error)
-            await asyncio.to_thread(self.deliveries.update, ident, str(rua), new_state,
-                                    next_try=retry, error=error)
+            await self.ledger.update(ident, str(rua), new_state, next_try=retry,
+                                     error=error)
             outcomes.append(Outcome(str(rua), new_state, error))
         return outcomes
 
@@ -378,29 +425,47 @@ class Tlsrpt:
         now = self.clock.time()
         today = utc_day(now)
         found = []
-        for day in await asyncio.to_thread(self.sessions.days):
+        for day in await self.ledger.days():
             if day >= today:
                 continue
-            for domain in await asyncio.to_thread(self.sessions.domains, day):
+            for domain in await self.ledger.domains(day):
                 ident = report_id(day, domain, self.settings.submitter)
-                if now >= self.due_at(day, domain) and not await asyncio.to_thread(
-                        self.deliveries.done, ident):
-                    found.append((day, domain))
+                due = self.due_at(day, domain)
+                if now < due or await self.ledger.done(ident):
+                    continue
+                waiting = await self.ledger.ready(day, now, due)
+                if waiting:
+                    log.info("TLSRPT: the report %s waits: %s", ident, waiting)
+                    continue
+                found.append((day, domain))
         return found
 
     async def send_due(self) -> list[Outcome]:
         outcomes = []
-        for day, domain in await self.due():
-            try:
-                outcomes += await self.send(day, domain)
-            except DnsError as exc:
-                log.info("TLSRPT: the _smtp._tls record of %s could not be read (%s); "
-                         "trying again later", domain, exc.reason)
-        cutoff = utc_day(self.clock.time()) - datetime.timedelta(days=self.settings.retention)
-        await asyncio.to_thread(self.sessions.forget, cutoff)
-        # A day past retention has no counts left to send again: its log can go too.
-        await asyncio.to_thread(self.deliveries.forget, cutoff)
+        if not await self.ship():
+            self._note_down()
+            return outcomes
+        try:
+            for day, domain in await self.due():
+                try:
+                    outcomes += await self.send(day, domain)
+                except DnsError as exc:
+                    log.info("TLSRPT: the _smtp._tls record of %s could not be read (%s); "
+                             "trying again later", domain, exc.reason)
+            cutoff = utc_day(self.clock.time()) - datetime.timedelta(
+                days=self.settings.retention)
+            await self.ledger.forget(cutoff)
+        except FleetDown:
+            self._note_down()
+        else:
+            self._fleet_down = False
         return outcomes
+
+    def _note_down(self) -> None:
+        if not self._fleet_down:
+            log.warning("TLSRPT: the reports wait for the fleet's Redis (a report without "
+                        "every node's sessions would be wrong); counting goes on")
+        self._fleet_down = True
 
     async def run_sender(self) -> None:
         while True:

@@ -2,13 +2,14 @@
 domain that asks for it (its _smtp._tls record) a daily report.
 
 Results of the tls_result hook are counted in memory and written in batches to
-DIR/state/tlsrpt/reports.sqlite (shared by the workers). After each UTC day, at a delay
-of its own, each domain's report goes to the mailto: and https: addresses of its record:
-mail through the outbound queue from the null sender, DKIM-signed with the keys of
-config/dkim_sign.ini for the domain of contact; HTTPS as a POST. Report mail is
-delivered at the level may whatever the destination's policy, and its sessions are not
-counted (RFC 8460 section 3). Listed before the TLS policy plugins, so that its
-tls_policy answer for report mail comes first.
+DIR/state/tlsrpt/reports.sqlite (shared by the workers), and in a fleet
+(config/redis.ini) handed to the fleet's Redis, so that one report covers every node.
+After each UTC day, at a delay of its own, each domain's report goes to the mailto:
+and https: addresses of its record: mail through the outbound queue from the null
+sender, DKIM-signed with the keys of config/dkim_sign.ini for the domain of contact;
+HTTPS as a POST. Report mail is delivered at the level may whatever the destination's
+policy, and its sessions are not counted (RFC 8460 section 3). Listed before the TLS
+policy plugins, so that its tls_policy answer for report mail comes first.
 
 Settings: config/tlsrpt.ini   Docs: docs/plugins/tlsrpt.md
 """
@@ -52,6 +53,12 @@ async def flush(server):
 
 
 @background
+async def share(server):
+    """Hand this node's counts to the fleet, when config/redis.ini names one."""
+    await _tlsrpt(server).run_ship()
+
+
+@background
 async def send(server):
     """Send the reports that are due (one process of the installation)."""
     await _tlsrpt(server).run_sender()
@@ -87,4 +94,6 @@ async def endpoint(server):
 
 @hookimpl
 async def shutdown(server):
-    await _tlsrpt(server).flush()
+    service = _tlsrpt(server)
+    await service.flush()
+    await service.ship()  # a node that stops hands its counts to the fleet

@@ -17,6 +17,11 @@ Rules:
    timeout) asks the caller to wait (``defer``), as any DNS failure does (invariant 3).
 5. A refresh fetches a cached policy again whatever its TXT record says, and also when
    the record is gone, broken or cannot be read (RFC 8461 10.2), under the ``id`` it has.
+6. In a fleet (``config/redis.ini``) the cache is the newer of the node's copy and the
+   fleet's (``harakapy.fleet.sts``): what one node fetched or checked, the others apply
+   without asking DNS or the policy host again; a fetch takes the fleet's turn for the
+   domain, and a node that waited for the turn takes the answer it finds. Redis being
+   down leaves the node's own copy in charge.
 
 The cache, the resolver and the clock are given; the HTTPS fetch is ``sts_fetch``.
 """
@@ -24,6 +29,7 @@ The cache, the resolver and the clock are given; the HTTPS fetch is ``sts_fetch`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +37,8 @@ from pathlib import Path
 from harakapy import metrics
 from harakapy.clock import Clock
 from harakapy.dns import DnsError, Resolver
+from harakapy.fleet.link import FleetDown
+from harakapy.fleet.sts import StsFleet, newer
 from harakapy.tls.mta_sts import NoRecord, StsError, StsPolicy, select_record
 from harakapy.tls.results import Failure, ResultType
 from harakapy.tls.sts_fetch import FetchError, fetch_policy, policy_host_context
@@ -97,14 +105,16 @@ class StsClient:
     :param store: The cache (blocking calls: run in a thread here).
     :param clock: For expiry, checks and back-off.
     :param settings: See :class:`StsSettings`.
+    :param fleet: The fleet's shared cache (rule 6), if there is a fleet.
     """
 
     def __init__(self, resolver: Resolver, store: PolicyStore, clock: Clock,
-                 settings: StsSettings) -> None:
+                 settings: StsSettings, fleet: StsFleet | None = None) -> None:
         self.resolver = resolver
         self.store = store
         self.clock = clock
         self.settings = settings
+        self.fleet = fleet
         self._context = policy_host_context(settings.ca_file)
         self._locks: dict[str, asyncio.Lock] = {}
         self._seen: dict[str, _Seen] = {}
@@ -137,7 +147,7 @@ class StsClient:
         metrics.sts_lookup(cached=False)
         async with self._locks.setdefault(domain, asyncio.Lock()):  # one fetch at a time
             now = self.clock.time()
-            entry = await asyncio.to_thread(self.store.get, domain)
+            entry = await self.current(domain)
             if use and entry is not None and now - entry.used >= USE_RESOLUTION:
                 entry = replace(entry, used=now)
                 await asyncio.to_thread(self.store.touch, domain, now)
@@ -158,9 +168,39 @@ class StsClient:
         """
         async with self._locks.setdefault(domain, asyncio.Lock()):
             now = self.clock.time()
-            entry = await asyncio.to_thread(self.store.get, domain)
+            entry = await self.current(domain)
             answer = await self._discover(domain, entry, now, force=True)
             return self._remember(domain, answer, now)
+
+    async def current(self, domain: str) -> CachedPolicy | None:
+        """The cache entry for ``domain``: the node's, or the fleet's when that is newer
+        (rule 6), which then becomes the node's; the node's goes to the fleet when the
+        fleet has none as new (a fetch made while Redis was away)."""
+        mine = await asyncio.to_thread(self.store.get, domain)
+        if self.fleet is None:
+            return mine
+        try:
+            theirs = await self.fleet.shared(domain)
+        except FleetDown:
+            return mine
+        newest = newer(mine, theirs)
+        if newest is theirs and theirs is not None:
+            newest = replace(theirs, used=mine.used if mine is not None else 0.0)
+            await asyncio.to_thread(self.store.put, newest)
+        elif newest is not None and (theirs is None or (theirs.fetched, theirs.checked)
+                                     != (newest.fetched, newest.checked)):
+            await self._share(newest)
+        return newest
+
+    async def _keep(self, entry: CachedPolicy) -> None:
+        """Store ``entry`` here and, in a fleet, for the fleet."""
+        await asyncio.to_thread(self.store.put, entry)
+        await self._share(entry)
+
+    async def _share(self, entry: CachedPolicy) -> None:
+        if self.fleet is not None:
+            with contextlib.suppress(FleetDown):  # shared by current() once Redis is back
+                await self.fleet.publish(entry, self.clock.time())
 
     def _remember(self, domain: str, answer: StsAnswer, now: float) -> StsAnswer:
         if len(self._seen) >= MEMORY_LIMIT:
@@ -221,7 +261,7 @@ class StsClient:
         if (not force and entry is not None and entry.valid_at(now)
                 and entry.record_id == record.id):
             checked = replace(entry, checked=now)
-            await asyncio.to_thread(self.store.put, checked)
+            await self._keep(checked)
             return self._cached(checked, now)
         if entry is not None and not entry.retry_allowed(record.id, now):
             return self._cached(entry, now, _failure_of(entry.error))
@@ -236,6 +276,23 @@ class StsClient:
 
     async def _fetch(self, domain: str, entry: CachedPolicy | None, record_id: str,
                      now: float, used: float = 0.0) -> StsAnswer:
+        if self.fleet is None:
+            return await self._fetch_now(domain, entry, record_id, now, used)
+        async with self.fleet.turn(domain):
+            latest = await self.current(domain)
+            if latest is not None and newer(entry, latest) is latest and latest != entry:
+                # Another node fetched (or failed to) while this one decided to: its
+                # answer stands for the whole fleet.
+                if latest.failed_id == record_id and not latest.retry_allowed(record_id,
+                                                                              now):
+                    return self._cached(latest, now, _failure_of(latest.error))
+                if latest.record_id == record_id and latest.valid_at(now):
+                    return self._cached(latest, now)
+            return await self._fetch_now(domain, latest or entry, record_id,
+                                         self.clock.time(), used)
+
+    async def _fetch_now(self, domain: str, entry: CachedPolicy | None, record_id: str,
+                         now: float, used: float = 0.0) -> StsAnswer:
         try:
             fetched = await fetch_policy(
                 domain, resolver=self.resolver, context=self._context,
@@ -247,7 +304,7 @@ class StsClient:
             noted = (entry or CachedPolicy(domain, used=used or now)).failed_now(
                 record_id, f"{exc.result_type.value}: {exc.reason}", now,
                 self.settings.retry_after)
-            await asyncio.to_thread(self.store.put, noted)
+            await self._keep(noted)
             log.warning("MTA-STS: %s: %s%s", domain, exc,
                         "; the cached policy still applies" if noted.valid_at(now) else "")
             return replace(self._cached(noted, now, failure), attempted=True)
@@ -257,7 +314,7 @@ class StsClient:
         # there, and the domain has no policy until its TXT id changes.
         fresh = (entry or CachedPolicy(domain, used=used)).fetched_now(
             _body(policy), policy, record_id, now)
-        await asyncio.to_thread(self.store.put, fresh)
+        await self._keep(fresh)
         log.info("MTA-STS: %s: policy %s fetched (mode %s, max_age %d)", domain, record_id,
                  policy.mode.value, policy.max_age)
         return StsAnswer(policy, entry=fresh, fetched=True)

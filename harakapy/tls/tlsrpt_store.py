@@ -10,6 +10,9 @@ Rules:
 2. A policy and a detail are stored as canonical JSON (sorted keys), which is also what
    tells two of them apart.
 3. Days before a cut-off are removed once their reports are done or no longer wanted.
+4. Each (day, domain) has a version that every batch adding to it raises, in the same
+   transaction, and the version last handed to the fleet (``shipped``): what a fleet
+   node has not yet shared is the pairs whose version is ahead (harakapy.fleet.tlsrpt).
 
 Calls block (SQLite is a file): the plugin runs them in a thread.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from harakapy.tls.sqlite_file import SqliteFile
@@ -32,6 +35,13 @@ CREATE TABLE IF NOT EXISTS sessions (
     detail TEXT NOT NULL,   -- '' for successes
     count INTEGER NOT NULL,
     PRIMARY KEY (day, domain, policy, detail)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    day TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    shipped INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, domain)
 ) WITHOUT ROWID;
 """
 
@@ -58,6 +68,21 @@ def _detail_of(text: str) -> DetailKey | None:
     return DetailKey(*json.loads(text)) if text else None
 
 
+def tally(rows: Iterable[tuple[str, str, int]]) -> dict[PolicyKey, PolicyCounts]:
+    """Stored ``(policy, detail, count)`` rows as a report's counts, per policy; rows of
+    the same policy and detail (from several nodes of a fleet) add up."""
+    found: dict[PolicyKey, PolicyCounts] = {}
+    for policy_text, detail_text, count in rows:
+        entry = found.setdefault(_policy_of(policy_text), PolicyCounts())
+        detail = _detail_of(detail_text)
+        if detail is None:
+            entry.success += count
+        else:
+            entry.failure += count
+            entry.details[detail] = entry.details.get(detail, 0) + count
+    return found
+
+
 class SessionStore:
     """Session counts in SQLite (WAL, a busy timeout, one transaction per flush)."""
 
@@ -79,6 +104,10 @@ class SessionStore:
                     "INSERT INTO sessions (day, domain, policy, detail, count) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (day, domain, policy, detail) "
                     "DO UPDATE SET count = count + excluded.count", rows)
+                db.executemany(
+                    "INSERT INTO versions (day, domain, version) VALUES (?, ?, 1) "
+                    "ON CONFLICT (day, domain) DO UPDATE SET version = version + 1",
+                    sorted({(row[0], row[1]) for row in rows}))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -97,30 +126,44 @@ class SessionStore:
 
     def counts(self, day: datetime.date, domain: str) -> dict[PolicyKey, PolicyCounts]:
         """What one domain's report for ``day`` says, per policy."""
-        found: dict[PolicyKey, PolicyCounts] = {}
+        return tally(self.rows(day, domain))
+
+    def rows(self, day: datetime.date, domain: str) -> list[tuple[str, str, int]]:
+        """The stored rows of one day and domain: ``(policy, detail, count)`` as stored
+        (rule 2)."""
         with self._connection() as db:
-            rows = db.execute("SELECT policy, detail, count FROM sessions WHERE day = ? AND "
-                              "domain = ?", (day.isoformat(), domain)).fetchall()
-        for policy_text, detail_text, count in rows:
-            entry = found.setdefault(_policy_of(policy_text), PolicyCounts())
-            detail = _detail_of(detail_text)
-            if detail is None:
-                entry.success += count
-            else:
-                entry.failure += count
-                entry.details[detail] = entry.details.get(detail, 0) + count
-        return found
+            return db.execute("SELECT policy, detail, count FROM sessions WHERE day = ? "
+                              "AND domain = ?", (day.isoformat(), domain)).fetchall()
+
+    def unshipped(self) -> list[tuple[datetime.date, str, int]]:
+        """Rule 4: ``(day, domain, version)`` of what changed since it was shipped."""
+        with self._connection() as db:
+            return [(datetime.date.fromisoformat(day), domain, version)
+                    for day, domain, version in db.execute(
+                        "SELECT day, domain, version FROM versions WHERE version > shipped "
+                        "ORDER BY day, domain")]
+
+    def shipped(self, day: datetime.date, domain: str, version: int) -> None:
+        """Rule 4: ``version`` of the pair is in the fleet's hands."""
+        with self._connection() as db:
+            db.execute("UPDATE versions SET shipped = ? WHERE day = ? AND domain = ? AND "
+                       "shipped < ?", (version, day.isoformat(), domain, version))
+
+    def ship_again(self) -> None:
+        """Rule 4: everything is to be shipped again (the fleet's Redis lost its data)."""
+        with self._connection() as db:
+            # Days counted before the versions were kept have none yet.
+            db.execute("INSERT OR IGNORE INTO versions (day, domain, version) "
+                       "SELECT DISTINCT day, domain, 1 FROM sessions")
+            db.execute("UPDATE versions SET shipped = 0")
 
     def forget(self, before: datetime.date, domain: str | None = None) -> int:
         """Rule 3: remove days before ``before`` (for one domain, or all)."""
+        where, values = ("day < ?", (before.isoformat(),)) if domain is None else \
+            ("day < ? AND domain = ?", (before.isoformat(), domain))
         with self._connection() as db:
-            if domain is None:
-                cursor = db.execute("DELETE FROM sessions WHERE day < ?",
-                                    (before.isoformat(),))
-            else:
-                cursor = db.execute("DELETE FROM sessions WHERE day < ? AND domain = ?",
-                                    (before.isoformat(), domain))
-            return cursor.rowcount
+            db.execute(f"DELETE FROM versions WHERE {where}", values)
+            return db.execute(f"DELETE FROM sessions WHERE {where}", values).rowcount
 
     def close(self) -> None:
         self._file.close()
@@ -175,6 +218,15 @@ class DeliveryLog:
             db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, "
                        "next_try = ?, last_error = ? WHERE report_id = ? AND rua = ?",
                        (state, next_try, error[:500], report_id, rua))
+
+    def reports(self) -> dict[str, dict[str, tuple[str, int, float, float, str]]]:
+        """Every report's :meth:`states`, by report-id."""
+        found: dict[str, dict[str, tuple[str, int, float, float, str]]] = {}
+        with self._file.connection() as db:
+            for row in db.execute("SELECT report_id, rua, state, attempts, first_try, "
+                                  "next_try, last_error FROM deliveries"):
+                found.setdefault(row[0], {})[row[1]] = tuple(row[2:])
+        return found
 
     def forget(self, before: datetime.date) -> int:
         """Remove what is known of reports of days before ``before`` (report-ids begin

@@ -1,0 +1,125 @@
+"""The fleet's MTA-STS policy cache in Redis, beside each node's own SQLite copy.
+
+Rules:
+
+1. An entry is shared as it is cached (:class:`CachedPolicy` without ``used``, which is
+   each node's own), under ``PREFIX sts:policy:DOMAIN``, until a while after it expires.
+2. The newer of two copies is the one fetched later, then checked later. A write never
+   replaces a newer shared copy (a script compares and sets in one step), so nodes that
+   fetched at once, or a node that kept its copy through an outage, cannot roll the
+   shared one back.
+3. One node fetches a domain at a time: it holds ``PREFIX sts:fetching:DOMAIN`` for at
+   most a fetch's whole timeout; the others wait for the key, then look at the shared
+   copy, which by then holds its answer. A holder that dies frees the key when it lapses.
+4. Redis being down never stops anything: the turn is granted at once and each node
+   fetches for itself, with its local copy standing (:class:`FleetDown` from the link is
+   the caller's signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from harakapy.fleet.link import FleetDown, Hold, RedisLink
+from harakapy.tls.sts_store import CachedPolicy
+
+POLL = 0.05  # seconds between looks at a turn another node holds
+
+_PUBLISH = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local old = cjson.decode(current)
+  local fetched, checked = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if old.fetched > fetched or (old.fetched == fetched and old.checked >= checked) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+return 1
+"""
+
+
+def newer(mine: CachedPolicy | None, theirs: CachedPolicy | None) -> CachedPolicy | None:
+    """Rule 2: the newer copy; ``mine`` when they are as new."""
+    if theirs is None:
+        return mine
+    if mine is None or (theirs.fetched, theirs.checked) > (mine.fetched, mine.checked):
+        return theirs
+    return mine
+
+
+class StsFleet:
+    """Rules 1 to 3 for one node.
+
+    :param link: The node's Redis link.
+    :param hold: Seconds a fetch may take at most: how long a turn is held.
+    :param keep: Seconds a shared entry is kept past its expiry (``forget_after``).
+    """
+
+    def __init__(self, link: RedisLink, *, hold: float, keep: float) -> None:
+        self.link = link
+        self.hold = hold
+        self.keep = keep
+        self._publish = link.client().register_script(_PUBLISH)
+
+    def _key(self, kind: str, domain: str) -> str:
+        return self.link.key("sts", kind, domain)
+
+    async def shared(self, domain: str) -> CachedPolicy | None:
+        """The fleet's copy of ``domain``'s entry.
+
+        :raises FleetDown: Redis cannot be reached.
+        """
+        raw = await self.link.run(lambda client: client.get(self._key("policy", domain)))
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return CachedPolicy(domain, base64.b64decode(data["body"]), data["record_id"],
+                                data["fetched"], data["expires"], data["checked"], 0.0,
+                                data["error"], data["failed_id"], data["retry_after"])
+        except (ValueError, KeyError, TypeError):
+            return None  # not ours to read: the next write replaces it
+
+    async def publish(self, entry: CachedPolicy, now: float) -> bool:
+        """Share ``entry`` unless the fleet has a newer copy (rule 2); whether it did.
+
+        :raises FleetDown: Redis cannot be reached.
+        """
+        text = json.dumps({
+            "body": base64.b64encode(entry.body).decode(), "record_id": entry.record_id,
+            "fetched": entry.fetched, "expires": entry.expires, "checked": entry.checked,
+            "error": entry.error, "failed_id": entry.failed_id,
+            "retry_after": entry.retry_after})
+        until = max(entry.expires, entry.retry_after, entry.checked, now) + self.keep
+        ttl = max(1000, int((until - now) * 1000))
+        done = await self.link.run(lambda client: self._publish(
+            keys=[self._key("policy", entry.domain)],
+            args=[text, repr(entry.fetched), repr(entry.checked), ttl], client=client))
+        return bool(done)
+
+    async def forget(self, domain: str) -> None:
+        await self.link.run(lambda client: client.delete(self._key("policy", domain)))
+
+    @asynccontextmanager
+    async def turn(self, domain: str) -> AsyncIterator[bool]:
+        """Rule 3: hold the domain's turn to fetch, waiting while another node holds it;
+        yields whether the turn is this node's (``False``: Redis is down, rule 4)."""
+        hold = Hold(self.link, self._key("fetching", domain), self.hold)
+        deadline = time.monotonic() + self.hold
+        try:
+            while True:
+                try:
+                    if await hold.take() or time.monotonic() >= deadline:
+                        break
+                except FleetDown:
+                    break
+                await asyncio.sleep(POLL)
+            yield hold.held
+        finally:
+            await hold.release()

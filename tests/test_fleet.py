@@ -1,0 +1,249 @@
+"""A fleet end to end (docs/fleet.md): harakapy nodes with their own spools sharing a real
+``redis-server``, delivering to the same MTA-STS domains and reporting on them (RFC 8461,
+RFC 8460; invariants 7 and 8 of DESIGN.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import signal
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+
+import pytest
+
+from tests.fleet_world import (
+    FLUSH,
+    MAX_DELAY,
+    ROUND,
+    FleetWorld,
+    midnight_after,
+    report_delay,
+)
+from tests.harness import eventually
+from tests.processes import ServerProcess
+
+pytestmark = pytest.mark.timeout(180)
+
+START = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+LEASE = 2.0  # seconds, real time (Redis keeps it)
+
+
+def sessions(world: FleetWorld) -> list:
+    """Every TLS session of every node, as its tls_result hook saw it."""
+    return [item for node in world.nodes.values() for kind, item in node.captured
+            if kind == "tls_result"]
+
+
+def utc_day(moment: float) -> datetime.date:
+    return datetime.datetime.fromtimestamp(moment, datetime.UTC).date()
+
+
+async def reports_arrive(world: FleetWorld, count: int) -> None:
+    """Round after round of the fleet's report senders until ``count`` reports arrived."""
+    async with asyncio.timeout(60):
+        while len(world.collector.reports) < count:
+            await world.step(ROUND)
+
+
+async def next_day(world: FleetWorld) -> None:
+    """The fleet's clock past the UTC midnight and every report's delay."""
+    await world.step(midnight_after(world.clock.now) - world.clock.now + MAX_DELAY
+                     + 2 * FLUSH + 1)
+
+
+def totals(report: dict) -> tuple[int, int]:
+    """A report's successful and failed sessions, over its policies."""
+    return (sum(p["summary"]["total-successful-session-count"] for p in report["policies"]),
+            sum(p["summary"]["total-failure-session-count"] for p in report["policies"]))
+
+
+def sent_policies(report: dict) -> list[dict]:
+    return sorted(report["policies"], key=lambda p: json.dumps(p, sort_keys=True))
+
+
+async def test_three_nodes_fetch_each_policy_once_and_send_one_report_of_every_session(
+        tmp_path):
+    async with AsyncExitStack() as stack:
+        world = await FleetWorld(stack, tmp_path, ("a.test", "b.test"), START).start()
+        for name in ("n1", "n2", "n3"):
+            await world.node(name)
+        # Every node sends to every domain at the same time: they all want the policies
+        # at once.
+        await asyncio.gather(*(world.send(node, f"bob@{domain}", 2)
+                               for node in world.nodes for domain in world.domains))
+        await eventually(lambda: len(world.mx.messages) == 12, timeout=30)
+        assert Counter(world.fetches) == {"a.test": 1, "b.test": 1}
+        results = sessions(world)
+        assert all(r.success and r.policy_type == "sts" for r in results)
+        await world.handed_in(len(results))
+        day = utc_day(world.clock.now)
+        await next_day(world)
+        await reports_arrive(world, 2)
+        for _ in range(3):  # more rounds, on every node: nothing goes twice
+            await world.step(ROUND)
+        reports = world.collector.by_domain()
+        assert sorted(reports) == ["a.test", "b.test"]
+        for domain, (report,) in reports.items():
+            assert totals(report) == (sum(r.domain == domain for r in results), 0)
+            alone = world.local_counts((tmp_path / n for n in world.nodes), day, domain)
+            assert sent_policies(report) == sent_policies(alone)
+            assert {k: v for k, v in report.items() if k != "policies"} == \
+                {k: v for k, v in alone.items() if k != "policies"}
+        # A day on, the policies were half way through their max_age: the fleet renewed
+        # each once, not once per node.
+        assert Counter(world.fetches) == {"a.test": 2, "b.test": 2}
+
+
+async def test_redis_killed_mid_run_delivery_goes_on_under_the_policy_and_nothing_is_lost(
+        tmp_path):
+    async with AsyncExitStack() as stack:
+        world = await FleetWorld(stack, tmp_path, ("a.test", "b.test"), START).start()
+        for name in ("n1", "n2", "n3"):
+            await world.node(name)
+        tally = SessionTally(world)
+
+        async def traffic(delivered: int) -> None:
+            for node in world.nodes:
+                for domain in world.domains:
+                    await world.send(node, f"bob@{domain}")
+            await eventually(lambda: len(world.mx.messages) == delivered, timeout=30)
+            tally.take()
+
+        await traffic(6)
+        await world.handed_in(tally.total)
+
+        world.redis.kill()
+        # A node restarted during the outage has only its own copy of the policies: it
+        # applies them (enforce, verified) and fetches nothing.
+        await world.stop_node("n3")
+        await world.node("n3")
+        tally.restarted("n3")
+        await traffic(12)
+        results = [item for kind, item in world.nodes["n3"].captured if kind == "tls_result"]
+        assert results
+        assert all(r.success and r.policy_type == "sts" and r.level == "verify"
+                   for r in results), results
+        assert Counter(world.fetches) == {"a.test": 1, "b.test": 1}
+        for _ in range(3):  # rounds and hand-ins while Redis is away: counted locally
+            world.clock.advance(FLUSH)
+            await world.step(ROUND)
+        assert world.collector.reports == []
+
+        world.redis.start()  # empty: Redis kept nothing
+        await traffic(18)
+        await world.handed_in(tally.total)
+        day = utc_day(world.clock.now)
+        await next_day(world)
+        await reports_arrive(world, 2)
+        for _ in range(3):
+            await world.step(ROUND)
+        reports = world.collector.by_domain()
+        for domain, (report,) in reports.items():
+            assert totals(report) == (tally.by_domain[domain], 0)
+            alone = world.local_counts((tmp_path / n for n in world.nodes), day, domain)
+            assert sent_policies(report) == sent_policies(alone)
+        assert Counter(world.fetches) == {"a.test": 2, "b.test": 2}  # a refresh, as above
+
+
+class SessionTally:
+    """The sessions the nodes' tls_result hooks saw, across a node's restart (which
+    starts its record anew)."""
+
+    def __init__(self, world: FleetWorld) -> None:
+        self.world = world
+        self.taken: dict[str, int] = {}
+        self.by_domain: Counter = Counter()
+
+    def take(self) -> None:
+        for name, node in self.world.nodes.items():
+            results = [item for kind, item in node.captured if kind == "tls_result"]
+            for result in results[self.taken.get(name, 0):]:
+                self.by_domain[result.domain] += 1
+            self.taken[name] = len(results)
+
+    def restarted(self, name: str) -> None:
+        self.taken[name] = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_domain.values())
+
+
+def lease_world_day() -> tuple[datetime.date, str]:
+    """Two days ago (so that a node on the real clock finds its reports due whatever the
+    hour), and a domain whose report for that day is due well after midnight."""
+    day = datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=2)
+    domain = next(f"d{n}.test" for n in range(100) if report_delay(day, f"d{n}.test") > 120)
+    return day, domain
+
+
+async def test_a_node_killed_holding_the_report_lease_leaves_it_to_another_without_a_double(
+        tmp_path):
+    day, domain = lease_world_day()
+    noon = datetime.datetime.combine(day, datetime.time(12), datetime.UTC).timestamp()
+    async with AsyncExitStack() as stack:
+        world = await FleetWorld(stack, tmp_path, (domain,), noon).start()
+        world.collector.stall_first = True
+        extra = f"[tlsrpt]\nlease = {LEASE:.0f}s\n"
+        for name in ("n1", "n2"):
+            world.write_node(name, extra)
+            await world.node(name)
+        await world.send("n1", f"bob@{domain}", 2)
+        await world.send("n2", f"bob@{domain}", 3)
+        await eventually(lambda: len(world.mx.messages) == 5, timeout=30)
+        await world.handed_in(len(sessions(world)))
+        n1_sessions = len(sessions(world)) - len(
+            [i for k, i in world.nodes["n2"].captured if k == "tls_result"])
+        # Just after midnight: both nodes hand in their counts of the whole day; the
+        # report is not due yet (its delay is more than two minutes).
+        world.clock.advance(midnight_after(world.clock.now) + 3 * FLUSH - world.clock.now)
+
+        def handed_in_after_midnight() -> bool:
+            with world.redis.client() as client:
+                states = client.hgetall("t:tlsrpt:nodes")
+            return len(states) == 2 and all(
+                json.loads(v)["shipped"] >= world.clock.now for v in states.values())
+
+        await eventually(lambda: (world.clock.advance(0) is None
+                                  and handed_in_after_midnight()), timeout=10)
+        await world.stop_node("n1")
+
+        # n1 again, as `harakapy run` on the real clock, for which the report is long
+        # due: it takes the lease and posts, and dies mid-POST.
+        n1 = ServerProcess("-c", str(tmp_path / "n1"))
+        try:
+            await eventually(lambda: world.collector.started == 1, timeout=60)
+            with world.redis.client() as client:
+                (lease,) = client.keys("t:tlsrpt:lease:*")
+                assert client.get(lease).startswith(b"n1 ")
+            # While n1 is alive its lease holds, for longer than its length: n2's rounds,
+            # with the report due, leave the report to n1.
+            world.clock.advance(max(0.0, datetime.datetime.now(datetime.UTC).timestamp()
+                                    - world.clock.now))
+            taken = time.monotonic()
+            while time.monotonic() - taken < 2 * LEASE:
+                await world.step(ROUND)
+                await asyncio.sleep(LEASE / 4)  # real time passing: the lease's own clock
+            await world.step(ROUND)
+            assert world.collector.started == 1
+            n1.signal(signal.SIGKILL)
+            await asyncio.to_thread(n1.wait, 10)
+        finally:
+            n1.stop()
+        await eventually(world.collector.stalled_sender_gone, timeout=10)
+        world.collector.release.set()
+        await eventually(lambda: world.collector.aborted == 1, timeout=10)
+
+        # Once the dead holder's lease lapses, n2 sends what is not marked sent.
+        await reports_arrive(world, 1)
+        for _ in range(3):
+            await world.step(ROUND)
+        (report,) = world.collector.reports
+        assert world.collector.started == 2
+        assert totals(report) == (len(sessions(world)) + n1_sessions, 0)
+        alone = world.local_counts((tmp_path / "n1", tmp_path / "n2"), day, domain)
+        assert sent_policies(report) == sent_policies(alone)
+        assert report["date-range"]["start-datetime"] == f"{day.isoformat()}T00:00:00Z"
