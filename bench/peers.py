@@ -366,11 +366,13 @@ class HarakapyPeer(_Child):
     """
 
     verifies = True
-    EXTRAS = ("tlsrpt", "dkim")
+    EXTRAS = ("tlsrpt", "dkim", "redis")
 
     def __init__(self, source: str = "install", extras: tuple[str, ...] = ()) -> None:
         """:param extras: plugins turned on beyond the shipped ones, for what they cost:
-            ``tlsrpt`` (every TLS session counted), ``dkim`` (every message signed)."""
+            ``tlsrpt`` (every TLS session counted), ``dkim`` (every message signed),
+            ``redis`` (a fleet node: config/redis.ini pointed at a redis-server of its
+            own, whose CPU counts as the node's and whose commands are counted)."""
         super().__init__()
         if source not in ("install", "dev"):
             raise ValueError(f"harakapy source {source!r}: expected install or dev")
@@ -382,6 +384,7 @@ class HarakapyPeer(_Child):
         self.source = source
         self.command: list[str | Path] = [sys.executable, "-m", "harakapy"]
         self.python: str | Path = sys.executable
+        self.redis: RedisProcess | None = None
 
     def install(self) -> None:
         if self.source == "install":
@@ -436,11 +439,32 @@ class HarakapyPeer(_Child):
             f"        return \"{CLOSED[0]}:{CLOSED[1]}\"\n"
             f"    return \"{route[0]}:{route[1]}\"\n")
         self._turn_on_extras(home)
+        if "redis" in self.extras:
+            self.redis = RedisProcess(home / "redis")
+            (config / "redis.ini").write_text(
+                f"[main]\nurl = redis://127.0.0.1:{self.redis.port}/0\nnode = bench\n")
         if prepare is not None:
             prepare(home)
         # Logging at its default level (info), as `harakapy run` logs.
         self._launch([*self.command, "run", "-c", home], home, port)
 
+
+    def pids(self) -> list[int]:
+        return super().pids() + (self.redis.pids() if self.redis is not None else [])
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
+                self.redis = None
+
+    def side_metrics(self, delivered: int) -> dict[str, float]:
+        """What the extras add to a case's row: Redis commands per delivered message."""
+        if self.redis is None or not delivered:
+            return {}
+        return {"redis_commands_per_msg": round(self.redis.commands() / delivered, 3)}
 
     def _turn_on_extras(self, home: Path) -> None:
         config = home / "config"
@@ -459,6 +483,69 @@ class HarakapyPeer(_Child):
                 "[sign load.test bench]\nkey = dkim/load.test.bench.key\n")
             plugins += "\ndkim_sign\n"
         (config / "plugins").write_text(plugins)
+
+
+class RedisProcess:
+    """Debian's ``redis-server`` on its packaged defaults (RDB snapshots on the
+    ``save`` schedule Debian's redis.conf ships, no AOF) on a loopback port, for a fleet
+    node; :meth:`commands` counts what it ran since it started, less the bench's own."""
+
+    SAVE = "3600 1 300 100 60 10000"  # Debian's /etc/redis/redis.conf, Redis 7.0
+
+    def __init__(self, folder: Path) -> None:
+        binary = shutil.which("redis-server") or shutil.which("redis-server",
+                                                               path="/usr/sbin:/usr/bin")
+        if binary is None:
+            raise RuntimeError("redis-server not found: apt-get install redis-server")
+        folder.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder),
+             "--save", self.SAVE, "--appendonly", "no", "--daemonize", "no",
+             "--logfile", str(folder / "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        _wait("redis-server to answer", lambda: self._info() is not None)
+        self._before = self._processed()
+
+    def _info(self) -> str | None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                sock.sendall(b"*2\r\n$4\r\nINFO\r\n$5\r\nstats\r\n")
+                data = b""
+                while b"total_commands_processed" not in data or not data.endswith(b"\r\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.decode(errors="replace")
+        except OSError:
+            return None
+
+    def _processed(self) -> int:
+        info = self._info() or ""
+        for line in info.splitlines():
+            if line.startswith("total_commands_processed:"):
+                return int(line.split(":", 1)[1])
+        return 0
+
+    def commands(self) -> int:
+        """Commands the node sent (this INFO and the one at start not counted)."""
+        return max(0, self._processed() - self._before - 1)
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc.poll() is None else []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class HarakaPeer(_Child):

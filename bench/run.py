@@ -202,9 +202,10 @@ def relay(peer, workdir: Path, *, total: int, connections: int, tls: bool,
         try:
             rate, count, accepted = relay_through(port, sink, total=total,
                                                   connections=connections, size=size)
+            extra = getattr(peer, "side_metrics", lambda _count: {})(count)
         finally:
             peer.stop()
-    return {"delivered_per_s": rate, "delivered": count, "accepted": accepted}
+    return {"delivered_per_s": rate, "delivered": count, "accepted": accepted, **extra}
 
 
 def relay_through(port: int, sink: Sink, *, total: int, connections: int = 50,

@@ -15,6 +15,7 @@ from typing import Any
 
 from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError
+from harakapy.fleet import FleetDown, FleetError, RedisLink, fleet_settings
 from harakapy.inbound.settings import InboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.server import SETTINGS_CHECKS, inbound_context
@@ -29,6 +30,7 @@ class Report:
 
     errors: list[str] = field(default_factory=list)
     plugins: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not stopping a start
 
     @property
     def ok(self) -> bool:
@@ -86,4 +88,29 @@ async def check_directory(root: Path | None) -> Report:
             await inbound_context(plugins, settings, config)
         except ConfigError as exc:
             report.errors.append(str(exc))
+    note = await fleet_note(config)
+    if note:
+        report.notes.append(note)
     return report
+
+
+async def fleet_note(config: Config) -> str:
+    """Whether the fleet's Redis answers, when ``config/redis.ini`` names one: a node
+    runs without it (on its own copies), so this is a note, not an error."""
+    try:
+        settings = fleet_settings(config)
+    except ConfigError:
+        return ""  # reported with the other files
+    if settings is None:
+        return ""
+    link = RedisLink(settings)
+    try:
+        await link.run(lambda client: client.ping())
+    except FleetDown as exc:
+        return (f"fleet: Redis ({settings.where}) cannot be reached: {exc.reason}; this "
+                f"node would run on its own copies until it can")
+    except FleetError as exc:
+        return f"fleet: Redis ({settings.where}): {exc}"
+    finally:
+        await link.close()
+    return f"fleet: Redis ({settings.where}) answers; this node is {settings.node!r}"

@@ -530,6 +530,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     report = _run_loop(check_directory(root))
     for error in report.errors:
         print(error, file=sys.stderr)
+    for note in report.notes:
+        print(note, file=sys.stderr)
     if not report.ok:
         print(f"harakapy: {len(report.errors)} error(s); {root or 'the shipped defaults'} "
               f"would not start", file=sys.stderr)

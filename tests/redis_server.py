@@ -17,23 +17,41 @@ from tests.processes import free_port
 
 class RedisServer:
     """``redis-server`` in ``folder``; no persistence (a restart comes back empty, the
-    harder case for the fleet), unless ``persist``; ``password`` sets requirepass."""
+    harder case for the fleet), unless ``persist``; ``password`` sets requirepass.
+
+    :param unix: Listen on ``folder/redis.sock`` too.
+    :param tls: ``(cert, key, ca)`` files: TLS only, on :attr:`port`.
+    :param sentinel_of: Run as a Sentinel watching that server as ``mymaster``.
+    """
 
     def __init__(self, folder: Path, *, password: str | None = None,
-                 persist: bool = False) -> None:
+                 persist: bool = False, unix: bool = False,
+                 tls: tuple[Path, Path, Path] | None = None,
+                 sentinel_of: RedisServer | None = None) -> None:
         self.binary = require_binary("redis-server", "redis-server")
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.password = password
         self.persist = persist
+        self.socket = folder / "redis.sock" if unix else None
+        self.tls = tls
+        self.sentinel_of = sentinel_of
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def _arguments(self) -> list[str]:
+        if self.sentinel_of is not None:
+            conf = self.folder / "sentinel.conf"
+            conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.folder}\n"
+                            f"sentinel monitor mymaster 127.0.0.1 {self.sentinel_of.port} 1\n"
+                            + (f"sentinel auth-pass mymaster {self.sentinel_of.password}\n"
+                               if self.sentinel_of.password else ""))
+            return [self.binary, str(conf), "--sentinel", "--daemonize", "no",
+                    "--logfile", str(self.folder / "redis.log")]
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.folder), "--daemonize", "no", "--save", "",
                 "--appendonly", "yes" if self.persist else "no",
@@ -42,6 +60,17 @@ class RedisServer:
             args += ["--appendfsync", "always"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.socket is not None:
+            args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                     str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                     "--tls-auth-clients", "no"]
+        return args
+
+    def start(self) -> RedisServer:
+        args = self._arguments()
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -65,8 +94,10 @@ class RedisServer:
     def client(self) -> redis.Redis:
         """A synchronous client, for the test's own looks (in a thread when a server runs
         in the test's event loop)."""
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
-                           socket_timeout=5)
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls[2])} if self.tls else {}
+        password = None if self.sentinel_of is not None else self.password
+        return redis.Redis(host="127.0.0.1", port=self.port, password=password,
+                           socket_timeout=5, **tls)
 
     def commands_processed(self) -> int:
         with self.client() as client:
