@@ -342,7 +342,7 @@ class _Child:
     def stop(self) -> None:
         if self.proc is None:
             return
-        tree = self.pids()
+        tree = _Child.pids(self)  # this process's, not a helper's a subclass counts too
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -722,6 +722,8 @@ PEERS: dict[str, Callable[[], Peer]] = {
     "harakapy": HarakapyPeer,
     "harakapy-tlsrpt": lambda: HarakapyPeer(extras=("tlsrpt",)),
     "harakapy-dkim": lambda: HarakapyPeer(extras=("dkim",)),
+    # A fleet node, counting TLS sessions for fleet-wide reports (docs/fleet.md).
+    "harakapy-tlsrpt-redis": lambda: HarakapyPeer(extras=("tlsrpt", "redis")),
     "haraka": HarakaPeer,
     "haraka-cpus": lambda: HarakaPeer(nodes="cpus"),
     "postfix": PostfixPeer,

@@ -116,6 +116,13 @@ class _Metrics:
                                  "cache answered", ["result"])
         self.sts_fetches = Counter("harakapy_mta_sts_fetches_total",
                                    "MTA-STS policy fetches over HTTPS", ["outcome"])
+        self.fleet_calls = Counter("harakapy_fleet_redis_calls_total",
+                                   "Calls to the fleet's Redis (a pipeline is one), by "
+                                   "outcome: ok, down (unreachable; local copies served), "
+                                   "error (Redis refused the command)", ["outcome"])
+        self.fleet_up = Gauge("harakapy_fleet_redis_up",
+                              "1 while every process reaches the fleet's Redis, 0 while one "
+                              "does not", multiprocess_mode="livemin")
         self.dnssec = Counter("harakapy_dane_dnssec_states_total",
                               "DNSSEC states the dane plugin saw, by the record type asked",
                               ["rdtype", "state"])
@@ -197,6 +204,12 @@ def sts_lookup(cached: bool) -> None:
 def sts_fetch(ok: bool) -> None:
     if _metrics is not None:
         _metrics.sts_fetches.labels("ok" if ok else "failed").inc()
+
+
+def fleet_call(outcome: str, up: bool) -> None:
+    if _metrics is not None:
+        _metrics.fleet_calls.labels(outcome).inc()
+        _metrics.fleet_up.set(1 if up else 0)
 
 
 def dnssec(rdtype: str, state: str) -> None:

@@ -132,3 +132,30 @@ async def test_refused_credentials_are_logged_once_without_the_password(
             await asyncio.sleep(0)
     said = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
     assert len(said) == 1 and "wrong" not in said[0]
+
+
+async def test_calls_and_outages_are_counted_in_the_metrics(redis_server, tmp_path):
+    from prometheus_client import REGISTRY
+
+    from harakapy import metrics
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    metrics.enable(Config.load(write_config_dir(tmp_path / "m", {
+        "metrics.ini": "[main]\nenabled = yes\n"})))
+    server = redis_server()
+    link = RedisLink(fleet_settings(Config.load(node_dir(tmp_path, f"[main]\nurl = "
+                                                                   f"{server.url}\n"))))
+    ok, down = (sample("harakapy_fleet_redis_calls_total", outcome=o) for o in ("ok", "down"))
+    try:
+        await link.run(lambda client: client.ping())
+        assert sample("harakapy_fleet_redis_up") == 1
+        server.kill()
+        with pytest.raises(FleetDown):
+            await link.run(lambda client: client.ping())
+        assert sample("harakapy_fleet_redis_up") == 0
+        assert sample("harakapy_fleet_redis_calls_total", outcome="ok") - ok == 1
+        assert sample("harakapy_fleet_redis_calls_total", outcome="down") - down == 1
+    finally:
+        await link.close()

@@ -31,6 +31,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from harakapy import metrics
 from harakapy.fleet.settings import FleetSettings
 
 log = logging.getLogger("harakapy.fleet")
@@ -100,6 +101,7 @@ class RedisLink:
     async def run(self, call: Callable[[redis.asyncio.Redis], Awaitable[T]]) -> T:
         """``call(client)``, or :class:`FleetDown` (rule 1)."""
         if self._reason and time.monotonic() < self._down_until:
+            metrics.fleet_call("down", up=False)
             raise FleetDown(self._reason)
         try:
             result = await call(self.client())
@@ -108,10 +110,12 @@ class RedisLink:
         except redis.exceptions.ResponseError as exc:
             if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
                 raise self._down(f"Redis refused the credentials: {exc}") from None
+            metrics.fleet_call("error", up=True)
             raise FleetError(f"Redis: {exc}") from None
         except _UNREACHABLE as exc:
             raise self._down(f"{type(exc).__name__}: {exc}" if str(exc)
                              else type(exc).__name__) from None
+        metrics.fleet_call("ok", up=True)
         if self._reason:
             log.warning("fleet: Redis (%s) answers again; shared state resumes",
                         self.settings.where)
@@ -119,6 +123,7 @@ class RedisLink:
         return result
 
     def _down(self, reason: str) -> FleetDown:
+        metrics.fleet_call("down", up=False)
         if not self._reason:
             log.warning("fleet: Redis (%s) cannot be reached (%s); going on with this "
                         "node's own copies", self.settings.where, reason)
