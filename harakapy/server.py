@@ -37,6 +37,8 @@ from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.spool.report import check_id
 from harakapy.spool.store import QueuedMessage, Spool, SpoolError
+from harakapy.status import outcomes
+from harakapy.status.settings import status_settings
 from harakapy.systemd import Notifier
 from harakapy.tasks import TaskRunner
 from harakapy.tls.settings import TlsSettings
@@ -70,6 +72,7 @@ SETTINGS_CHECKS: tuple[Callable[[Config], object], ...] = (
     lambda config: config.derive("outbound.resolver", Resolver.from_config),
     requiretls_settings,
     metrics.metrics_settings,
+    status_settings,
     fleet_settings,
     check_me,
 )
@@ -131,6 +134,7 @@ class MailServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._metrics_task: asyncio.Task[None] | None = None
+        self._status_tasks: list[asyncio.Task[None]] = []
         self._reloading: asyncio.Lock | None = None
         self.outbound: OutboundQueue | None = None
         self._control: asyncio.Server | None = None
@@ -227,6 +231,15 @@ class MailServer:
             # With workers, the supervisor serves every worker's metrics.
             self._metrics_task = asyncio.get_running_loop().create_task(
                 metrics.serve(self.config))
+        recorder = outcomes.enable(self.config, self.clock)
+        if recorder is not None:
+            loop = asyncio.get_running_loop()
+            self._status_tasks.append(loop.create_task(recorder.run()))
+            if self.slot[1] == 1:  # with workers, the supervisor serves the page
+                from harakapy.status import web as status_web
+
+                self._status_tasks.append(loop.create_task(status_web.serve(self.config,
+                                                                              self.clock)))
         await self._start_outbound()
         await self.background.start(self.plugins.background_tasks())
         loop = asyncio.get_running_loop()
@@ -407,6 +420,9 @@ class MailServer:
         if self._metrics_task is not None:
             self._metrics_task.cancel()
             await asyncio.gather(self._metrics_task, return_exceptions=True)
+        for task in self._status_tasks:
+            task.cancel()
+        await asyncio.gather(*self._status_tasks, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
         if self._control is not None:

@@ -43,6 +43,7 @@ from harakapy import metrics, privileges
 from harakapy.config import Config
 from harakapy.inbound.settings import InboundSettings, ListenAddress
 from harakapy.spool.store import Spool
+from harakapy.status.settings import status_settings
 from harakapy.systemd import Notifier, child_environment
 
 log = logging.getLogger("harakapy.supervisor")
@@ -179,6 +180,11 @@ class Supervisor:
             watchdog = loop.create_task(self.notifier.keep_alive())
             serving = (loop.create_task(metrics.serve(self.config))
                        if metrics.metrics_settings(self.config).enabled else None)
+            page = None
+            if status_settings(self.config).enabled:
+                from harakapy.status import web as status_web
+
+                page = loop.create_task(status_web.serve(self.config))
             try:
                 await self._start_all()
                 log.info("harakapy ready with %d workers (pids %s)", len(self.workers),
@@ -187,8 +193,9 @@ class Supervisor:
                 await self._watch()
             finally:
                 watchdog.cancel()
-                if serving is not None:
-                    serving.cancel()
+                for task in (serving, page):
+                    if task is not None:
+                        task.cancel()
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
                 await self._stop_all()

@@ -122,10 +122,12 @@ async def sts_world_factory(outbound_env: EnvFactory):
 
     async def start(extra: str = "", *, plugins: str = "relay\nmta_sts\nrecorder\n",
                     plugin_files: dict[str, str] | None = None,
-                    clock_start: float | None = None) -> StsWorld:
+                    clock_start: float | None = None,
+                    files: dict[str, str] | None = None) -> StsWorld:
         env = await outbound_env(HEAD, files={
             "tls.ini": f"[outbound]\nca_file = {outbound_env.ca_file}\n",
             "mta_sts.ini": mta_sts_ini(host.port, extra),
+            **(files or {}),
         }, plugins=plugins, plugin_files={"recorder": RECORDER, **(plugin_files or {})},
             hosts=MX_HOSTS, body=BODY, clock_start=clock_start)
         worlds.append(StsWorld(env, host))

@@ -53,6 +53,7 @@ from harakapy.spool.store import (
     SpoolError,
     new_id,
 )
+from harakapy.status import outcomes
 
 if TYPE_CHECKING:
     from harakapy.config import Config
@@ -493,6 +494,7 @@ class OutboundQueue:
         metrics.tls_session(result.level, result.policy_type,
                             result.failure.result_type.value if result.failure else "success",
                             result.tls_version)
+        outcomes.record(result)
         await self.server.plugins.call_all("tls_result", result=result)
 
     async def _apply(self, message: QueuedMessage, job: Job, indexes: list[int],
