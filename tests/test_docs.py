@@ -222,14 +222,15 @@ def test_every_ini_section_is_documented(name):
 # -- (4) the example plugin ---------------------------------------------------------------
 
 
-def marked_block(page: Path, comment: str) -> str:
-    """The body of the ```python block right after the HTML comment ``comment``."""
+def marked_block(page: Path, comment: str, language: str = "python") -> str:
+    """The body of the ```python (or ``language``) block right after the HTML comment
+    ``comment``."""
     text = page.read_text()
     assert comment in text, f"{page.name} has no {comment}"
     after = text[text.index(comment) + len(comment):]
     match = _FENCE.match(after.lstrip("\n"))
-    assert match is not None and match.group(1) == "python", (
-        f"{page.name}: {comment} must be followed directly by a ```python block")
+    assert match is not None and match.group(1) == language, (
+        f"{page.name}: {comment} must be followed directly by a ```{language} block")
     return match.group(2)
 
 
@@ -895,3 +896,34 @@ async def test_requiretls_md_plugins_flag_the_mail_they_say_and_no_other(config_
             subject = message.read_headers().split(b"Subject: ")[1][:1]
             flagged[subject] = message.requiretls
     assert flagged == {b"a": True, b"b": True, b"c": False, b"d": False}
+
+
+# -- docs/fleet.md ----------------------------------------------------------------------
+
+
+def test_fleet_md_example_reaches_a_real_redis_as_its_acl_user(tmp_path):
+    """The redis.ini of docs/fleet.md, with its address and password this test's: a real
+    redis-server with the ACL user the example names, and `harakapy check` on it."""
+    from tests.processes import harakapy as run_harakapy
+    from tests.redis_server import RedisServer
+
+    example = marked_block(DOCS / "fleet.md", "<!-- fleet-example -->", "ini")
+    ini = IniFile.parse(Path("redis.ini"), example)
+    user, node = ini.get_str("main", "username"), ini.get_str("main", "node")
+    prefix = ini.get_str("main", "prefix")
+    assert user and node and prefix and ini.get_str("main", "password_file")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        with server.client() as client:
+            client.acl_setuser(user, enabled=True, passwords=["+example-password"],
+                               keys=[f"{prefix}*"], commands=["+@all"])
+        (tmp_path / "redis.password").write_text("example-password\n")
+        text = re.sub(r"^url = .*$", f"url = {server.url}", example, flags=re.M)
+        text = re.sub(r"^password_file = .*$", f"password_file = {tmp_path}/redis.password",
+                      text, flags=re.M)
+        root = write_config_dir(tmp_path / "node", {"redis.ini": text})
+        done = run_harakapy("check", "-c", str(root))
+        assert done.returncode == 0, done.stderr
+        assert f"answers; this node is {node!r}" in done.stderr, done.stderr
+    finally:
+        server.stop()

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -99,7 +98,7 @@ async def get(url: str, **options) -> tuple[int, str, dict]:
 
 async def test_the_json_counts_every_session_by_destination_and_shows_no_content(sts_world):
     port = free_port()
-    world, recorded = await traffic_world(sts_world, status_ini(port))
+    _world, recorded = await traffic_world(sts_world, status_ini(port))
     status, text, headers = await get(f"http://127.0.0.1:{port}/status.json")
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     assert headers["Cache-Control"] == "no-store"
@@ -161,10 +160,9 @@ async def test_a_guarded_listener_refuses_what_carries_no_token_or_password(sts_
     wrong = base64.b64encode(b"ops:guess").decode()
     assert (await get(base + "/status.json",
                       headers={"Authorization": f"Basic {wrong}"}))[0] == 401
-    async with aiohttp.ClientSession() as session:
-        async with session.post(base + "/status.json",
-                                headers={"Authorization": f"Bearer {TOKEN}"}) as response:
-            assert response.status == 405
+    async with aiohttp.ClientSession() as session, session.post(
+            base + "/status.json", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status == 405
     address = _non_loopback_address()
     if address is not None:
         status, _, _ = await get(f"http://{address}:{port}/status.json")
@@ -316,4 +314,3 @@ async def test_the_page_in_a_real_browser_shows_the_destinations_chart_and_filte
     assert console_errors(browser) == []
     # No message content reached the page.
     assert "merger" not in browser.page_source and "alice@" not in browser.page_source
-    assert Path(world.env.hp.root).exists()

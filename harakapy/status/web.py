@@ -7,8 +7,9 @@ Rules:
    or the cookie a ``?token=`` visit sets) or the user's password (HTTP basic
    authentication); anything else is answered 401 and shows nothing. Without ``[auth]``
    (loopback only, settings rule 2) the page is open.
-2. Only ``GET`` and ``HEAD`` of four paths (and an empty ``/favicon.ico``); the page runs no script but its own
-   (``Content-Security-Policy``), is never framed and never cached.
+2. Only ``GET`` and ``HEAD`` of four paths (and an empty ``/favicon.ico``); the page
+   runs no script but its own (``Content-Security-Policy``), is never framed and never
+   cached.
 3. ``/status.json`` is built at most once a second, in a thread, however often it is
    asked for.
 """
