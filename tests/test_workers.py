@@ -53,8 +53,8 @@ def group(tmp_path, dest_dns):
     its running ``harakapy run``."""
     started: list[ServerProcess] = []
 
-    def make(mx_port: int | None = None, *, workers: int = 2,
-             plugins: str = "relay\n") -> tuple[Path, int, ServerProcess]:
+    def make(mx_port: int | None = None, *, workers: int = 2, plugins: str = "relay\n",
+             files: dict[str, str] | None = None) -> tuple[Path, int, ServerProcess]:
         root, port = tmp_path / f"group{len(started)}", free_port()
         write_config_dir(root, {
             "me": "relay.test\n",
@@ -65,6 +65,7 @@ def group(tmp_path, dest_dns):
                        "timeout = 2\n",
             "outbound.ini": f"[main]\nport = {mx_port or free_port_on('127.0.0.2')}\n"
                             "min_backoff = 1\nmax_backoff = 2\nconnect_timeout = 2\n",
+            **(files or {}),
         }, {"tasks": TASKS_PLUGIN})
         process = ServerProcess("-c", str(root))
         started.append(process)
@@ -113,6 +114,38 @@ async def test_workers_share_the_listener_and_each_delivers_what_it_accepted(gro
         assert len(arrivals) == 40 and set(arrivals.values()) == {1}
     assert process.stop() == 0
     assert "harakapy.supervisor: stopped" in process.log
+
+
+async def test_the_supervisor_serves_the_status_page_of_every_workers_sessions(group):
+    import json
+    import urllib.request
+
+    mx_port, status_port = free_port_on("127.0.0.2"), free_port()
+    async with ReceivingMTA("127.0.0.2", mx_port) as mta:
+        _root, port, process = group(mx_port, files={
+            "status.ini": f"[main]\nenabled = yes\nlisten = 127.0.0.1:{status_port}\n"})
+        await ready(process)
+        await asyncio.to_thread(send, port, 30)
+        await until(lambda: len(mta.messages) >= 30, 30, lambda: process.log)
+        # Each worker logs one TLS line per session (plaintext here: the MX offers no
+        # STARTTLS) and writes its sessions for the page every five seconds; the
+        # supervisor serves them all.
+        sessions = Counter(line.split("[", 1)[1].split("]")[0] for line in process.lines
+                           if "harakapy.outbound.tls[" in line and "policy may" in line)
+        assert set(sessions) == {"1", "2"}, sessions
+
+        def served() -> dict:
+            url = f"http://127.0.0.1:{status_port}/status.json"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                data = json.load(response)
+            return {d["domain"]: d["day"] for d in data["destinations"]}
+
+        total = sum(sessions.values())
+        await until(lambda: served().get("dest.test", {}).get("succeeded") == total, 20,
+                    lambda: (served(), sessions))
+        day = served()["dest.test"]
+        assert day["tls_versions"] == {"none": total} and day["source"] == "none"
+    assert process.stop() == 0
 
 
 async def test_sigterm_stops_every_worker_and_keeps_their_mail(group):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from harakapy.outbound.client import SessionError, SmtpSession, Stage
 from harakapy.outbound.mx import MxHost
+from harakapy.status import outcomes
 from harakapy.tls import verify
 from harakapy.tls.policy import Level, Policy, PolicySource, TlsaLookup
 from harakapy.tls.results import Failure, ResultType, TlsResult
@@ -246,6 +247,10 @@ class Negotiator:
                     "starttls-not-supported"), session)
             elif plan.policy.discovery_failure is not None:
                 await self._report(plan, None, session)  # the discovery failure, below
+            elif self.report is not None:
+                # RFC 8460 reports nothing for plaintext that no policy forbids; the
+                # status page shows it: this destination is not protected.
+                outcomes.record(self._result(plan, None, session))
             self._log_outcome(plan, session, "no STARTTLS offered: plaintext")
             return session
         try:
@@ -410,6 +415,10 @@ class Negotiator:
             return  # quiet: only a failure that stops the mail is news
         if failure is None and plan.policy.discovery_failure is not None:
             failure, enforced = plan.policy.discovery_failure, False
+        await self.report(self._result(plan, failure, session, enforced=enforced))
+
+    def _result(self, plan: HostPlan, failure: Failure | None, session: SmtpSession | None,
+                *, enforced: bool = True) -> TlsResult:
         ssl_object = session.ssl_object if session is not None else None
         cipher = ssl_object.cipher() if ssl_object is not None else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -425,7 +434,7 @@ class Negotiator:
             tls_version=session.tls_version if session else "",
             cipher=cipher[0] if cipher else "", decided_by=plan.policy.decided_by,
             certificate=der or b"")
-        await self.report(result)
+        return result
 
 
 def as_may(plan: HostPlan) -> HostPlan:
