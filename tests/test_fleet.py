@@ -247,3 +247,18 @@ async def test_a_node_killed_holding_the_report_lease_leaves_it_to_another_witho
         alone = world.local_counts((tmp_path / "n1", tmp_path / "n2"), day, domain)
         assert sent_policies(report) == sent_policies(alone)
         assert report["date-range"]["start-datetime"] == f"{day.isoformat()}T00:00:00Z"
+
+
+async def test_a_redis_that_refuses_writes_does_not_stop_delivery(tmp_path, caplog):
+    async with AsyncExitStack() as stack:
+        world = await FleetWorld(stack, tmp_path, ("a.test",), START).start()
+        with world.redis.client() as client:  # out of memory: every write refused
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", "1")
+        await world.node("n1")
+        await world.send("n1", "bob@a.test")
+        await eventually(lambda: len(world.mx.messages) == 1, timeout=30)
+        (result,) = sessions(world)
+        assert result.success and result.policy_type == "sts" and result.level == "verify"
+        assert Counter(world.fetches) == {"a.test": 1}
+        assert any("Redis refused a command" in r.getMessage() for r in caplog.records)

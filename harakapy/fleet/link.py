@@ -8,8 +8,9 @@ Rules:
    a timeout, and the wait doubles up to 15 seconds while Redis stays away. Callers go
    on with their local copies (invariant 8); nothing waits on Redis.
 2. The outage and the return are logged once each, not per call.
-3. A command that Redis answers with an error is a bug or a misconfiguration, not an
-   outage: :class:`FleetError`, with Redis's words.
+3. A command that Redis refuses (out of memory, a failed snapshot, a read-only replica)
+   leaves Redis as unusable as an outage does: :class:`FleetError`, a kind of
+   :class:`FleetDown` with Redis's words, and the same pause.
 4. A :class:`Hold` is a key one node holds for a while (a fetch's turn, a report's
    lease): taken only when free, kept and given back only by the token that took it,
    and lapsing by itself when its holder dies.
@@ -52,7 +53,7 @@ class FleetDown(Exception):
         self.reason = reason
 
 
-class FleetError(Exception):
+class FleetError(FleetDown):
     """Redis refused a command (rule 3)."""
 
 
@@ -110,8 +111,8 @@ class RedisLink:
         except redis.exceptions.ResponseError as exc:
             if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
                 raise self._down(f"Redis refused the credentials: {exc}") from None
-            metrics.fleet_call("error", up=True)
-            raise FleetError(f"Redis: {exc}") from None
+            self._down(f"Redis refused a command: {exc}", outcome="error")
+            raise FleetError(f"Redis refused a command: {exc}") from None
         except _UNREACHABLE as exc:
             raise self._down(f"{type(exc).__name__}: {exc}" if str(exc)
                              else type(exc).__name__) from None
@@ -122,8 +123,8 @@ class RedisLink:
             self._reason, self._pause = "", 0.0
         return result
 
-    def _down(self, reason: str) -> FleetDown:
-        metrics.fleet_call("down", up=False)
+    def _down(self, reason: str, outcome: str = "down") -> FleetDown:
+        metrics.fleet_call(outcome, up=False)
         if not self._reason:
             log.warning("fleet: Redis (%s) cannot be reached (%s); going on with this "
                         "node's own copies", self.settings.where, reason)

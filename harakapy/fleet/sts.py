@@ -9,8 +9,9 @@ Rules:
    fetched at once, or a node that kept its copy through an outage, cannot roll the
    shared one back.
 3. One node fetches a domain at a time: it holds ``PREFIX sts:fetching:DOMAIN`` for at
-   most a fetch's whole timeout; the others wait for the key, then look at the shared
-   copy, which by then holds its answer. A holder that dies frees the key when it lapses.
+   most a fetch's whole timeout; the others wait for the key (``LONGEST_WAIT`` at most,
+   then they fetch for themselves), then look at the shared copy, which by then holds
+   its answer. A holder that dies frees the key when it lapses.
 4. Redis being down never stops anything: the turn is granted at once and each node
    fetches for itself, with its local copy standing (:class:`FleetDown` from the link is
    the caller's signal).
@@ -29,6 +30,9 @@ from harakapy.fleet.link import FleetDown, Hold, RedisLink
 from harakapy.tls.sts_store import CachedPolicy
 
 POLL = 0.05  # seconds between looks at a turn another node holds
+# A delivery waits this long at most for another node's fetch, then fetches itself: the
+# hook it runs in has plugin_timeout (30 s by default) to answer.
+LONGEST_WAIT = 20.0
 
 _PUBLISH = """
 local current = redis.call('GET', KEYS[1])
@@ -111,7 +115,7 @@ class StsFleet:
         """Rule 3: hold the domain's turn to fetch, waiting while another node holds it;
         yields whether the turn is this node's (``False``: Redis is down, rule 4)."""
         hold = Hold(self.link, self._key("fetching", domain), self.hold)
-        deadline = time.monotonic() + self.hold
+        deadline = time.monotonic() + min(self.hold, LONGEST_WAIT)
         try:
             while True:
                 try:

@@ -8,9 +8,10 @@ Rules:
    set, never added to): handing the same totals in twice changes nothing, so a retry,
    a crash between handing in and noting it, or a merge after an outage never counts a
    session twice, and what a node counted while Redis was away goes in when it returns.
-2. Redis holds no data of its own: one that comes back empty (a new ``epoch``) is given
-   every node's totals again, and the delivery states the nodes keep, and no report is
-   sent until every node has had ``grace`` seconds to do so.
+2. Redis holds no data of its own: a Redis that restarted (its ``run_id`` changed,
+   whatever it kept: nothing, a snapshot, an AOF) is given every node's totals again,
+   and the delivery states the nodes keep, and no report is sent until every node has
+   had ``grace`` seconds to do so.
 3. A day's report counts every node's sessions: the fields of all nodes add up, and
    the sender waits, up to ``settle`` past the report's due time, for each node seen
    during that day to have handed in its counts from after the day.
@@ -30,7 +31,6 @@ import asyncio
 import datetime
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -73,6 +73,7 @@ class FleetLedger:
         self.keep = int((retention + 2) * 86400)
         self._epoch: str | None = None
         self._late_noted: set[str] = set()
+        self._done: set[str] = set()
 
     def _key(self, *parts: str) -> str:
         return self.link.key("tlsrpt", *parts)
@@ -119,17 +120,19 @@ class FleetLedger:
         return len(pending)
 
     async def _current_epoch(self, now: float) -> str:
-        key = self._key("epoch")
-        epoch = await self.link.run(lambda client: client.get(key))
-        if epoch is None:
-            await self.link.run(lambda client: client.set(
-                key, f"{secrets.token_hex(8)} {now!r}", nx=True))
-            epoch = await self.link.run(lambda client: client.get(key))
-        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        """``RUN-ID BEGAN``: the Redis process (its run_id changes at every restart,
+        snapshot reload and failover, whatever it kept) and when a node first saw it."""
+        info = await self.link.run(lambda client: client.info("server"))
+        run_id = str(info.get("run_id", ""))
+        key = self._key("epoch", run_id)
+        await self.link.run(lambda client: client.set(key, repr(now), nx=True))
+        began = await self.link.run(lambda client: client.get(key))
+        return f"{run_id} {_text(began) if began is not None else repr(now)}"
 
     async def _restore_deliveries(self) -> None:
-        """Rule 2: the delivery states this node kept, for reports Redis no longer
-        knows (those it knows keep theirs)."""
+        """Rule 2: the delivery states this node kept. A final one (sent, given up)
+        overwrites what Redis has, which may be an older snapshot's; a pending one only
+        fills a gap."""
         reports = await asyncio.to_thread(self.local.deliveries.reports)
         if not reports:
             return
@@ -137,9 +140,13 @@ class FleetLedger:
         async def restore(client):
             pipe = client.pipeline(transaction=False)
             for report_id, states in reports.items():
+                key = self._key("delivery", report_id)
                 for rua, state in states.items():
-                    pipe.hsetnx(self._key("delivery", report_id), rua, json.dumps(state))
-                pipe.expire(self._key("delivery", report_id), self.keep)
+                    if state[0] == "pending":
+                        pipe.hsetnx(key, rua, json.dumps(state))
+                    else:
+                        pipe.hset(key, rua, json.dumps(state))
+                pipe.expire(key, self.keep)
             return await pipe.execute()
 
         await self.link.run(restore)
@@ -177,7 +184,7 @@ class FleetLedger:
 
     async def ready(self, day: datetime.date, now: float, due: float) -> str:
         epoch = await self._current_epoch(now)
-        began = float(epoch.split(" ", 1)[1]) if " " in epoch else 0.0
+        began = float(epoch.rsplit(" ", 1)[1])
         if epoch != self._epoch or now - began < self.grace:
             return (f"Redis began anew at {_utc(began)}: the nodes are handing in their "
                     f"counts again")
@@ -242,8 +249,13 @@ class FleetLedger:
             [state, attempts + 1, first_try, next_try, error[:500]])))
 
     async def done(self, report_id: str) -> bool:
+        if report_id in self._done:
+            return True  # done stays done: no need to ask every round
         states = await self.states(report_id)
-        return bool(states) and all(s[0] != "pending" for s in states.values())
+        finished = bool(states) and all(s[0] != "pending" for s in states.values())
+        if finished:
+            self._done.add(report_id)
+        return finished
 
     async def forget(self, before: datetime.date) -> None:
         await self.local.forget(before)
