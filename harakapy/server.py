@@ -420,9 +420,6 @@ class MailServer:
         if self._metrics_task is not None:
             self._metrics_task.cancel()
             await asyncio.gather(self._metrics_task, return_exceptions=True)
-        for task in self._status_tasks:
-            task.cancel()
-        await asyncio.gather(*self._status_tasks, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
         if self._control is not None:
@@ -432,6 +429,12 @@ class MailServer:
         if self.outbound is not None:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
             await self.outbound.stop(grace=remaining)
+        # After the queue: the sessions of its last deliveries are written too.
+        for task in self._status_tasks:
+            task.cancel()
+        await asyncio.gather(*self._status_tasks, return_exceptions=True)
+        if self._status_tasks:
+            outcomes.disable()
         self._slot_lock.release()
         await self.plugins.call_all("shutdown")
         await close_fleet_link(self.config)

@@ -202,6 +202,14 @@ def enable(config: Config, clock: Clock) -> Recorder | None:
     return _recorder
 
 
+def disable() -> None:
+    """The process stops recording (the server stopped); its file is closed."""
+    global _recorder
+    if _recorder is not None:
+        _recorder.store.close()
+        _recorder = None
+
+
 def record(result: TlsResult) -> None:
     if _recorder is not None:
         _recorder.record(result)
