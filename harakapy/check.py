@@ -15,7 +15,7 @@ from typing import Any
 
 from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError
-from harakapy.fleet import FleetDown, FleetError, RedisLink, fleet_settings
+from harakapy.fleet import FleetDown, FleetError, fleet_link, fleet_settings
 from harakapy.inbound.settings import InboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.server import SETTINGS_CHECKS, inbound_context
@@ -103,7 +103,8 @@ async def fleet_note(config: Config) -> str:
         return ""  # reported with the other files
     if settings is None:
         return ""
-    link = RedisLink(settings)
+    link = fleet_link(config)
+    assert link is not None
     try:
         await link.run(lambda client: client.ping())
     except FleetDown as exc:

@@ -37,10 +37,10 @@ from harakapy.outbound.settings import OutboundSettings
 from harakapy.plugins import PluginManager
 from harakapy.spool.report import check_id
 from harakapy.spool.store import QueuedMessage, Spool, SpoolError
-from harakapy.status import outcomes
 from harakapy.status.settings import status_settings
 from harakapy.systemd import Notifier
 from harakapy.tasks import TaskRunner
+from harakapy.tls import outcomes
 from harakapy.tls.settings import TlsSettings
 from harakapy.view import Core
 
@@ -231,8 +231,9 @@ class MailServer:
             # With workers, the supervisor serves every worker's metrics.
             self._metrics_task = asyncio.get_running_loop().create_task(
                 metrics.serve(self.config))
-        recorder = outcomes.enable(self.config, self.clock)
-        if recorder is not None:
+        page = status_settings(self.config)
+        if page.enabled:
+            recorder = outcomes.enable(self.config, self.clock, page.retention_days)
             loop = asyncio.get_running_loop()
             self._status_tasks.append(loop.create_task(recorder.run()))
             if self.slot[1] == 1:  # with workers, the supervisor serves the page

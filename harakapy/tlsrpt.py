@@ -42,13 +42,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harakapy.clock import Clock
 from harakapy.config import Config
 from harakapy.dkim import DkimSigner, verified_domains
 from harakapy.dns import DnsError, Resolver
-from harakapy.fleet import FleetDown, RedisLink, fleet_link
+from harakapy.fleet import FleetDown, fleet_link
 from harakapy.fleet.tlsrpt import FleetLedger
 from harakapy.spool.store import QueuedMessage, SpoolError
 from harakapy.tls.policy import Level, Policy
@@ -56,6 +56,9 @@ from harakapy.tls.results import TlsResult
 from harakapy.tls.sts_fetch import ServerResolver
 from harakapy.tls.tlsrpt import TlsrptError, TlsrptRecord, select_record
 from harakapy.tls.tlsrpt_ledger import Lease, Ledger, LocalLedger
+
+if TYPE_CHECKING:
+    from harakapy.fleet.link import RedisLink
 from harakapy.tls.tlsrpt_report import (
     compressed,
     file_name,
@@ -69,6 +72,7 @@ log = logging.getLogger("harakapy.tlsrpt")
 
 ID_PREFIX = "tlsrpt-"
 DATA_NAME = "reports.sqlite"
+RECEIVED_NAME = "received.sqlite"
 STATE_FOLDER = "tlsrpt"
 FIRST_RETRY = 300.0
 RETRY_FOR = 86400.0
@@ -160,7 +164,7 @@ def data_path(config: Config) -> Path:
 
 def received_path(config: Config) -> Path:
     """Where the reports received about our domains are kept."""
-    return data_path(config).with_name("received.sqlite")
+    return data_path(config).with_name(RECEIVED_NAME)
 
 
 class Tlsrpt:

@@ -13,8 +13,9 @@ import pytest
 import trustme
 
 from harakapy.config import Config, ConfigError
-from harakapy.fleet import RedisLink, fleet_settings
-from harakapy.fleet.link import FleetDown
+from harakapy.fleet import fleet_settings
+from harakapy.fleet.errors import FleetDown
+from harakapy.fleet.link import RedisLink
 from tests.harness import write_config_dir
 from tests.processes import harakapy
 from tests.redis_server import RedisServer

@@ -23,7 +23,7 @@ from tests.harness import eventually, write_config_dir
 from tests.processes import free_port, harakapy
 from tests.sts_world import BODY, MX2_IP, MX_IP, REAL_IP, Answer, policy
 
-TOKEN = "a-token-of-more-than-16-characters"
+TOKEN = "a+token/of=more-than-16-characters"  # + / =: as base64 makes them
 RECEIVED = {
     "organization-name": "Big Mail", "contact-info": "tls-reports@big.example",
     "report-id": "2027-01-14T00:00:00Z_harakapy.test",
@@ -154,6 +154,9 @@ async def test_a_guarded_listener_refuses_what_carries_no_token_or_password(sts_
                       headers={"Authorization": "Bearer wrong-token-wrong-token"}))[0] == 401
     assert (await get(base + "/status.json",
                       headers={"Authorization": f"Bearer {TOKEN}"}))[0] == 200
+    status, _, headers = await get(base + "/nothing",
+                                   headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 404 and headers["X-Frame-Options"] == "DENY"
     basic = base64.b64encode(b"ops:open sesame").decode()
     assert (await get(base + "/status.json",
                       headers={"Authorization": f"Basic {basic}"}))[0] == 200

@@ -33,6 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from harakapy import metrics
+from harakapy.fleet.errors import FleetDown, FleetError
 from harakapy.fleet.settings import FleetSettings
 
 log = logging.getLogger("harakapy.fleet")
@@ -43,18 +44,6 @@ FIRST_PAUSE = 1.0
 LONGEST_PAUSE = 15.0
 _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
                 TimeoutError)
-
-
-class FleetDown(Exception):
-    """Redis cannot be reached now (rule 1); ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class FleetError(FleetDown):
-    """Redis refused a command (rule 3)."""
 
 
 _RELEASE = """

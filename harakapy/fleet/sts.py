@@ -13,8 +13,7 @@ Rules:
    then they fetch for themselves), then look at the shared copy, which by then holds
    its answer. A holder that dies frees the key when it lapses.
 4. Redis being down never stops anything: the turn is granted at once and each node
-   fetches for itself, with its local copy standing (:class:`FleetDown` from the link is
-   the caller's signal).
+   fetches for itself, with its local copy standing; nothing here raises for it.
 """
 
 from __future__ import annotations
@@ -25,9 +24,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-from harakapy.fleet.link import FleetDown, Hold, RedisLink
+from harakapy.fleet.errors import FleetDown
 from harakapy.tls.sts_store import CachedPolicy
+
+if TYPE_CHECKING:
+    from harakapy.fleet.link import RedisLink
 
 POLL = 0.05  # seconds between looks at a turn another node holds
 # A delivery waits this long at most for another node's fetch, then fetches itself: the
@@ -48,15 +51,6 @@ return 1
 """
 
 
-def newer(mine: CachedPolicy | None, theirs: CachedPolicy | None) -> CachedPolicy | None:
-    """Rule 2: the newer copy; ``mine`` when they are as new."""
-    if theirs is None:
-        return mine
-    if mine is None or (theirs.fetched, theirs.checked) > (mine.fetched, mine.checked):
-        return theirs
-    return mine
-
-
 class StsFleet:
     """Rules 1 to 3 for one node.
 
@@ -74,27 +68,28 @@ class StsFleet:
     def _key(self, kind: str, domain: str) -> str:
         return self.link.key("sts", kind, domain)
 
-    async def shared(self, domain: str) -> CachedPolicy | None:
-        """The fleet's copy of ``domain``'s entry.
-
-        :raises FleetDown: Redis cannot be reached.
-        """
-        raw = await self.link.run(lambda client: client.get(self._key("policy", domain)))
+    async def shared(self, domain: str) -> tuple[bool, CachedPolicy | None]:
+        """``(reached, entry)``: whether Redis answered, and the fleet's copy of
+        ``domain``'s entry if it has one."""
+        try:
+            raw = await self.link.run(lambda client: client.get(
+                self._key("policy", domain)))
+        except FleetDown:
+            return False, None
         if raw is None:
-            return None
+            return True, None
         try:
             data = json.loads(raw)
-            return CachedPolicy(domain, base64.b64decode(data["body"]), data["record_id"],
-                                data["fetched"], data["expires"], data["checked"], 0.0,
-                                data["error"], data["failed_id"], data["retry_after"])
+            return True, CachedPolicy(
+                domain, base64.b64decode(data["body"]), data["record_id"], data["fetched"],
+                data["expires"], data["checked"], 0.0, data["error"], data["failed_id"],
+                data["retry_after"])
         except (ValueError, KeyError, TypeError):
-            return None  # not ours to read: the next write replaces it
+            return True, None  # not ours to read: the next write replaces it
 
     async def publish(self, entry: CachedPolicy, now: float) -> bool:
-        """Share ``entry`` unless the fleet has a newer copy (rule 2); whether it did.
-
-        :raises FleetDown: Redis cannot be reached.
-        """
+        """Share ``entry`` unless the fleet has a newer copy (rule 2); whether it did
+        (not when Redis cannot be reached)."""
         text = json.dumps({
             "body": base64.b64encode(entry.body).decode(), "record_id": entry.record_id,
             "fetched": entry.fetched, "expires": entry.expires, "checked": entry.checked,
@@ -102,9 +97,12 @@ class StsFleet:
             "retry_after": entry.retry_after})
         until = max(entry.expires, entry.retry_after, entry.checked, now) + self.keep
         ttl = max(1000, int((until - now) * 1000))
-        done = await self.link.run(lambda client: self._publish(
-            keys=[self._key("policy", entry.domain)],
-            args=[text, repr(entry.fetched), repr(entry.checked), ttl], client=client))
+        try:
+            done = await self.link.run(lambda client: self._publish(
+                keys=[self._key("policy", entry.domain)],
+                args=[text, repr(entry.fetched), repr(entry.checked), ttl], client=client))
+        except FleetDown:
+            return False
         return bool(done)
 
     async def forget(self, domain: str) -> None:
@@ -114,6 +112,8 @@ class StsFleet:
     async def turn(self, domain: str) -> AsyncIterator[bool]:
         """Rule 3: hold the domain's turn to fetch, waiting while another node holds it;
         yields whether the turn is this node's (``False``: Redis is down, rule 4)."""
+        from harakapy.fleet.link import Hold
+
         hold = Hold(self.link, self._key("fetching", domain), self.hold)
         deadline = time.monotonic() + min(self.hold, LONGEST_WAIT)
         try:

@@ -33,11 +33,14 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-from harakapy.fleet.link import Hold, RedisLink
 from harakapy.tls.tlsrpt_ledger import Lease, LocalLedger, State
 from harakapy.tls.tlsrpt_report import PolicyCounts, PolicyKey
 from harakapy.tls.tlsrpt_store import tally
+
+if TYPE_CHECKING:
+    from harakapy.fleet.link import RedisLink
 
 log = logging.getLogger("harakapy.tlsrpt")
 
@@ -209,6 +212,8 @@ class FleetLedger:
 
     @asynccontextmanager
     async def lease(self, report_id: str) -> AsyncIterator[Lease]:
+        from harakapy.fleet.link import Hold
+
         hold = Hold(self.link, self._key("lease", report_id), self.lease_time)
         keeping = asyncio.create_task(hold.keep()) if await hold.take() else None
         try:

@@ -20,8 +20,7 @@ from dataclasses import dataclass, replace
 
 from harakapy.outbound.client import SessionError, SmtpSession, Stage
 from harakapy.outbound.mx import MxHost
-from harakapy.status import outcomes
-from harakapy.tls import verify
+from harakapy.tls import outcomes, verify
 from harakapy.tls.policy import Level, Policy, PolicySource, TlsaLookup
 from harakapy.tls.results import Failure, ResultType, TlsResult
 from harakapy.tls.settings import TlsSettings
@@ -247,7 +246,7 @@ class Negotiator:
                     "starttls-not-supported"), session)
             elif plan.policy.discovery_failure is not None:
                 await self._report(plan, None, session)  # the discovery failure, below
-            elif self.report is not None:
+            elif self.report is not None and not plan.quiet:
                 # RFC 8460 reports nothing for plaintext that no policy forbids; the
                 # status page shows it: this destination is not protected.
                 outcomes.record(self._result(plan, None, session))

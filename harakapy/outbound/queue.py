@@ -53,7 +53,7 @@ from harakapy.spool.store import (
     SpoolError,
     new_id,
 )
-from harakapy.status import outcomes
+from harakapy.tls import outcomes
 
 if TYPE_CHECKING:
     from harakapy.config import Config

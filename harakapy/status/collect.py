@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import datetime
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from harakapy.config import Config
 from harakapy.spool import report as spool_report
 from harakapy.spool.store import RecipientState, Spool
-from harakapy.status.outcomes import HOUR, SOURCES, OutcomeStore, outcomes_path
+from harakapy.tls.outcomes import HOUR, SOURCES, OutcomeStore, outcomes_path
 
 DAY = 86400
 WEEK = 7 * DAY
@@ -34,8 +35,8 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
     """Rules 1 to 3 (blocking: run it in a thread)."""
     now = time.time() if now is None else now
     errors: list[str] = []
-    data: dict[str, Any] = {"generated": now, "me": config.value("me") or "",
-                            "errors": errors}
+    data: dict[str, Any] = {"generated": now,
+                            "me": config.value("me") or socket.getfqdn(), "errors": errors}
     for name, part in (("queue", _queue), ("destinations", _destinations),
                        ("mta_sts", _mta_sts), ("reports_received", _received)):
         try:
@@ -81,10 +82,13 @@ def _queue(config: Config, now: float) -> dict[str, Any]:
 
 
 def _destinations(config: Config, now: float) -> dict[str, Any]:
-    path = outcomes_path(config)
-    store = OutcomeStore(path)
+    # The hour now and the 23 (or 167) before it: the day's (the week's) buckets, as
+    # the chart shows them.
+    current = int(now) // HOUR * HOUR
+    day_start, week_start = current - 23 * HOUR, current - 167 * HOUR
+    store = OutcomeStore(outcomes_path(config))
     try:
-        rows = store.rows(now - WEEK)
+        rows = store.rows(week_start)
         failures = store.last_failures()
     finally:
         store.close()
@@ -94,7 +98,7 @@ def _destinations(config: Config, now: float) -> dict[str, Any]:
         entry = found.setdefault(domain, {
             "domain": domain, "last_seen": 0, "day": _window(), "week": _window()})
         entry["last_seen"] = max(entry["last_seen"], hour)
-        windows = [entry["week"]] + ([entry["day"]] if hour >= now - DAY - HOUR else [])
+        windows = [entry["week"]] + ([entry["day"]] if hour >= day_start else [])
         for window in windows:
             window["sources"][source] += count
             window["levels"][level] += count
@@ -120,11 +124,10 @@ def _destinations(config: Config, now: float) -> dict[str, Any]:
             "reason": failure.reason}
         destinations.append(entry)
     destinations.sort(key=lambda e: (-e["week"]["failed"], e["domain"]))
-    first = int(now - WEEK) // HOUR * HOUR + HOUR
     timeline = [{"hour": hour, "success": hours.get(hour, Counter())["success"],
                  "failures": {k: v for k, v in hours.get(hour, Counter()).items()
                               if k != "success"}}
-                for hour in range(first, int(now) // HOUR * HOUR + HOUR, HOUR)]
+                for hour in range(week_start, current + HOUR, HOUR)]
     return {"destinations": destinations, "timeline": timeline}
 
 
@@ -171,9 +174,10 @@ def _mta_sts(config: Config, now: float) -> dict[str, Any]:
 
 def _received(config: Config, now: float) -> dict[str, Any]:
     from harakapy.tls.tlsrpt_received import ReceivedStore
-    from harakapy.tlsrpt import received_path
+    from harakapy.tlsrpt import RECEIVED_NAME
+    from harakapy.tlsrpt import STATE_FOLDER as TLSRPT_FOLDER
 
-    path = received_path(config)
+    path = config.state_dir() / TLSRPT_FOLDER / RECEIVED_NAME  # not made here
     if not path.exists():
         return {"reports_received": []}
     since = datetime.datetime.fromtimestamp(now - WEEK, datetime.UTC).date().isoformat()

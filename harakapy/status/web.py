@@ -23,6 +23,7 @@ import hmac
 import logging
 import ssl
 import time
+import urllib.parse
 from importlib import resources
 from typing import Any
 
@@ -94,6 +95,16 @@ class Guard:
                             headers={**HEADERS, "WWW-Authenticate": challenge})
 
 
+def _query_token(query: str) -> str:
+    """``token`` of the query string as typed: a ``+`` in it stays a ``+`` (form
+    decoding would make it a space)."""
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "token":
+            return urllib.parse.unquote(value)
+    return ""
+
+
 def application(config: Config, clock: Clock) -> web.Application:
     """The page's aiohttp application for ``config``; ``clock`` is the server's."""
     settings = status_settings(config)
@@ -108,7 +119,7 @@ def application(config: Config, clock: Clock) -> web.Application:
                                 headers={**HEADERS, "Allow": "GET, HEAD"})
         if request.path == "/favicon.ico":
             return web.Response(status=204, headers=HEADERS)  # none: not worth a 401
-        token = request.query.get("token", "")
+        token = _query_token(request.rel_url.raw_query_string)
         if token and settings.token and hmac.compare_digest(token.encode(),
                                                             settings.token.encode()):
             # A visit with ?token=: the cookie carries it from now on, out of the URL.
@@ -118,7 +129,11 @@ def application(config: Config, clock: Clock) -> web.Application:
             return response
         if not await guard.allows(request):
             return guard.refusal()
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # a 404 from the router: the same headers
+            exc.headers.update(HEADERS)
+            raise
         response.headers.update(HEADERS)
         return response
 

@@ -18,10 +18,10 @@ Rules:
 5. A refresh fetches a cached policy again whatever its TXT record says, and also when
    the record is gone, broken or cannot be read (RFC 8461 10.2), under the ``id`` it has.
 6. In a fleet (``config/redis.ini``) the cache is the newer of the node's copy and the
-   fleet's (``harakapy.fleet.sts``): what one node fetched or checked, the others apply
-   without asking DNS or the policy host again; a fetch takes the fleet's turn for the
-   domain, and a node that waited for the turn takes the answer it finds. Redis being
-   down leaves the node's own copy in charge.
+   fleet's (:class:`SharedPolicies`, harakapy.fleet.sts): what one node fetched or
+   checked, the others apply without asking DNS or the policy host again; a fetch
+   takes the fleet's turn for the domain, and a node that waited for the turn takes
+   the answer it finds. Redis being down leaves the node's own copy in charge.
 
 The cache, the resolver and the clock are given; the HTTPS fetch is ``sts_fetch``.
 """
@@ -29,7 +29,6 @@ The cache, the resolver and the clock are given; the HTTPS fetch is ``sts_fetch`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,12 +36,10 @@ from pathlib import Path
 from harakapy import metrics
 from harakapy.clock import Clock
 from harakapy.dns import DnsError, Resolver
-from harakapy.fleet.link import FleetDown
-from harakapy.fleet.sts import StsFleet, newer
 from harakapy.tls.mta_sts import NoRecord, StsError, StsPolicy, select_record
 from harakapy.tls.results import Failure, ResultType
 from harakapy.tls.sts_fetch import FetchError, fetch_policy, policy_host_context
-from harakapy.tls.sts_store import CachedPolicy, PolicyStore
+from harakapy.tls.sts_store import CachedPolicy, PolicyStore, SharedPolicies, newer
 
 log = logging.getLogger("harakapy.mta_sts")
 
@@ -109,7 +106,7 @@ class StsClient:
     """
 
     def __init__(self, resolver: Resolver, store: PolicyStore, clock: Clock,
-                 settings: StsSettings, fleet: StsFleet | None = None) -> None:
+                 settings: StsSettings, fleet: SharedPolicies | None = None) -> None:
         self.resolver = resolver
         self.store = store
         self.clock = clock
@@ -179,9 +176,8 @@ class StsClient:
         mine = await asyncio.to_thread(self.store.get, domain)
         if self.fleet is None:
             return mine
-        try:
-            theirs = await self.fleet.shared(domain)
-        except FleetDown:
+        reached, theirs = await self.fleet.shared(domain)
+        if not reached:
             return mine
         newest = newer(mine, theirs)
         if newest is theirs and theirs is not None:
@@ -199,8 +195,8 @@ class StsClient:
 
     async def _share(self, entry: CachedPolicy) -> None:
         if self.fleet is not None:
-            with contextlib.suppress(FleetDown):  # shared by current() once Redis is back
-                await self.fleet.publish(entry, self.clock.time())
+            # Not shared now (Redis away): current() shares it once Redis is back.
+            await self.fleet.publish(entry, self.clock.time())
 
     def _remember(self, domain: str, answer: StsAnswer, now: float) -> StsAnswer:
         if len(self._seen) >= MEMORY_LIMIT:

@@ -20,6 +20,7 @@ Calls block (SQLite is a file): the plugin runs them in a thread.
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -84,6 +85,34 @@ class CachedPolicy:
         """This entry after a failed fetch: the policy it held stays (rule 2)."""
         return replace(self, checked=now, error=error, failed_id=record_id,
                        retry_after=now + backoff)
+
+
+def newer(mine: CachedPolicy | None, theirs: CachedPolicy | None) -> CachedPolicy | None:
+    """Of two copies of an entry (a node's and a fleet's), the newer: the one fetched
+    later, then checked later; ``mine`` when they are as new."""
+    if theirs is None:
+        return mine
+    if mine is None or (theirs.fetched, theirs.checked) > (mine.fetched, mine.checked):
+        return theirs
+    return mine
+
+
+class SharedPolicies(Protocol):
+    """A cache shared with other nodes (a fleet's, harakapy.fleet.sts). None of its
+    methods raises for a store that cannot be reached: it answers as said."""
+
+    async def shared(self, domain: str) -> tuple[bool, CachedPolicy | None]:
+        """``(reached, entry)``: whether the store answered, and its entry if any."""
+        ...
+
+    async def publish(self, entry: CachedPolicy, now: float) -> bool:
+        """Share ``entry`` unless a newer copy is there; whether it did."""
+        ...
+
+    def turn(self, domain: str) -> AbstractAsyncContextManager[bool]:
+        """The domain's turn to fetch, waiting while another node holds it; yields
+        whether it is this node's."""
+        ...
 
 
 class PolicyStore(Protocol):

@@ -12,8 +12,8 @@ Rules:
 3. The last failure of a destination keeps its time, MX host, result type and reason;
    a later failure replaces it.
 4. Hours older than ``retention_days`` are removed at the flush.
-5. Off (``config/status.ini``), :func:`record` returns at once: the delivery path pays
-   nothing.
+5. Until :func:`enable` (the server calls it when ``config/status.ini`` turns the
+   status page on), :func:`record` returns at once: the delivery path pays nothing.
 """
 
 from __future__ import annotations
@@ -187,18 +187,12 @@ class Recorder:
 _recorder: Recorder | None = None
 
 
-def enable(config: Config, clock: Clock) -> Recorder | None:
-    """Rule 5: this process records when ``config/status.ini`` turns the page on."""
-    from harakapy.status.settings import status_settings
-
+def enable(config: Config, clock: Clock, retention_days: int) -> Recorder:
+    """Rule 5: this process records (``config/status.ini`` turns the page on)."""
     global _recorder
-    settings = status_settings(config)
-    if not settings.enabled:
-        _recorder = None
-        return None
     if _recorder is None or _recorder.store.path != outcomes_path(config):
-        _recorder = Recorder(OutcomeStore(outcomes_path(config)), clock,
-                             settings.retention_days)
+        disable()
+        _recorder = Recorder(OutcomeStore(outcomes_path(config)), clock, retention_days)
     return _recorder
 
 
