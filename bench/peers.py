@@ -366,13 +366,14 @@ class HarakapyPeer(_Child):
     """
 
     verifies = True
-    EXTRAS = ("tlsrpt", "dkim", "redis")
+    EXTRAS = ("tlsrpt", "dkim", "redis", "status")
 
     def __init__(self, source: str = "install", extras: tuple[str, ...] = ()) -> None:
         """:param extras: plugins turned on beyond the shipped ones, for what they cost:
             ``tlsrpt`` (every TLS session counted), ``dkim`` (every message signed),
             ``redis`` (a fleet node: config/redis.ini pointed at a redis-server of its
-            own, whose CPU counts as the node's and whose commands are counted)."""
+            own, whose CPU counts as the node's and whose commands are counted),
+            ``status`` (the status page on: every TLS session recorded for it)."""
         super().__init__()
         if source not in ("install", "dev"):
             raise ValueError(f"harakapy source {source!r}: expected install or dev")
@@ -475,6 +476,12 @@ class HarakapyPeer(_Child):
             plugins = "tlsrpt\n" + plugins
             (config / "tlsrpt.ini").write_text(
                 "[main]\norganization = bench\ncontact = tlsrpt@bench-harakapy.test\n")
+        if "status" in self.extras:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            (config / "status.ini").write_text(
+                f"[main]\nenabled = yes\nlisten = 127.0.0.1:{port}\n")
         if "dkim" in self.extras:
             # The load generator's From: domain, with an RSA-2048 key as keygen makes.
             _run(*self.command, "dkim", "keygen", "load.test", "bench", "-c", home,
@@ -724,6 +731,8 @@ PEERS: dict[str, Callable[[], Peer]] = {
     "harakapy-dkim": lambda: HarakapyPeer(extras=("dkim",)),
     # A fleet node, counting TLS sessions for fleet-wide reports (docs/fleet.md).
     "harakapy-tlsrpt-redis": lambda: HarakapyPeer(extras=("tlsrpt", "redis")),
+    # The status page on (docs/status-page.md): what recording every session costs.
+    "harakapy-status": lambda: HarakapyPeer(extras=("status",)),
     "haraka": HarakaPeer,
     "haraka-cpus": lambda: HarakaPeer(nodes="cpus"),
     "postfix": PostfixPeer,
