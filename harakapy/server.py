@@ -25,7 +25,7 @@ from harakapy import metrics
 from harakapy.clock import Clock
 from harakapy.config import Config, ConfigError
 from harakapy.dns import Resolver
-from harakapy.fleet import close_fleet_link, fleet_settings
+from harakapy.fleet import close_fleet_link, fleet_link, fleet_settings
 from harakapy.inbound.connection import Transaction
 from harakapy.inbound.protocol import SmtpProtocol
 from harakapy.inbound.settings import InboundSettings, ListenAddress, check_me
@@ -135,6 +135,7 @@ class MailServer:
         self._stopped = asyncio.Event()
         self._metrics_task: asyncio.Task[None] | None = None
         self._status_tasks: list[asyncio.Task[None]] = []
+        self._fleet_tasks: list[asyncio.Task[None]] = []
         self._reloading: asyncio.Lock | None = None
         self.outbound: OutboundQueue | None = None
         self._control: asyncio.Server | None = None
@@ -284,6 +285,14 @@ class MailServer:
         except (SpoolError, OSError) as exc:
             raise ListenError(f"cannot use the spool {spool.root}: {exc}") from exc
         self.outbound = OutboundQueue(self, spool, clock=self.clock, slot=self.slot)
+        link = fleet_link(self.config)
+        if link is not None and link.settings.share_destinations:
+            from harakapy.fleet.destinations import SharedSuspensions
+
+            shared = SharedSuspensions(link, self.outbound.suspend)
+            self.outbound.on_suspend = shared.suspended
+            self._fleet_tasks.append(asyncio.get_running_loop().create_task(
+                shared.listen()))
         try:
             await self.outbound.start()
         except (SpoolError, OSError) as exc:
@@ -436,6 +445,9 @@ class MailServer:
         await asyncio.gather(*self._status_tasks, return_exceptions=True)
         if self._status_tasks:
             outcomes.disable()
+        for task in self._fleet_tasks:
+            task.cancel()
+        await asyncio.gather(*self._fleet_tasks, return_exceptions=True)
         self._slot_lock.release()
         await self.plugins.call_all("shutdown")
         await close_fleet_link(self.config)

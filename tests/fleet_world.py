@@ -34,6 +34,7 @@ from tests.servers import ReceivingMTA
 from tests.sts_world import policy
 
 MX_IP, POLICY_IP, COLLECTOR_IP = "127.0.0.21", "127.0.0.41", "127.0.0.44"
+DEAD_IP = "127.0.0.23"
 FLUSH = 1.0  # tlsrpt.ini flush_interval
 ROUND = 97.0  # tlsrpt.ini check_interval (a number no other task of the server sleeps)
 MAX_DELAY = 3600.0
@@ -147,7 +148,9 @@ class FleetWorld:
         self.collector_host = await self.stack.enter_async_context(PolicyHost(
             COLLECTOR_IP, server_context(self.certs.ca, "reports.test"),
             lambda request: self.collector.handle(request), method="POST"))
-        lines = [f"reports.test. A {COLLECTOR_IP}"]
+        # dead.test: an MX on an address where nothing listens (every connection refused).
+        lines = [f"reports.test. A {COLLECTOR_IP}", "dead.test. MX 10 mx.dead.test.",
+                 f"mx.dead.test. A {DEAD_IP}"]
         for name in self.domains:
             lines += [f"{name}. MX 10 mx.{name}.", f"mx.{name}. A {MX_IP}",
                       f'_mta-sts.{name}. TXT "v=STSv1; id=1"', f"mta-sts.{name}. A {POLICY_IP}",

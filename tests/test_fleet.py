@@ -262,3 +262,31 @@ async def test_a_redis_that_refuses_writes_does_not_stop_delivery(tmp_path, capl
         assert result.success and result.policy_type == "sts" and result.level == "verify"
         assert Counter(world.fetches) == {"a.test": 1}
         assert any("Redis refused a command" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_destination_no_host_of_which_answered_one_node_waits_on_every_node(
+        tmp_path):
+    async with AsyncExitStack() as stack:
+        world = await FleetWorld(stack, tmp_path, ("a.test",), START).start()
+        for name in ("n1", "n2"):
+            world.write_node(name, "[destinations]\nshare = yes\n")
+            await world.node(name)
+
+        def subscribers() -> int:
+            with world.redis.client() as client:
+                return dict(client.pubsub_numsub("t:dest:suspended"))[b"t:dest:suspended"]
+
+        await eventually(lambda: subscribers() == 2, timeout=10)
+        first, second = (world.nodes[n].server.outbound for n in ("n1", "n2"))
+        await world.send("n1", "bob@dead.test")
+        await eventually(lambda: first.stats()["suspended"] == ["dead.test"], timeout=20)
+        until = first._suspended["dead.test"]
+        # n2 heard it: its mail for dead.test waits for the same time, without a try.
+        await eventually(lambda: second.stats()["suspended"] == ["dead.test"], timeout=10)
+        assert second._suspended["dead.test"] == until
+        await world.send("n2", "carol@dead.test")
+        await eventually(lambda: [job.due for (_, domain), job in second._jobs.items()
+                                  if domain == "dead.test"] == [until], timeout=10)
+        queue = tmp_path / "n2" / "queue"
+        assert len(list((queue / "msg").iterdir())) == 1  # waiting in n2's own spool
+        assert not any('"state"' in path.read_text() for path in (queue / "log").glob("*"))

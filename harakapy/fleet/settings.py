@@ -43,6 +43,7 @@ class FleetSettings:
     key: Path | None = None
     share_mta_sts: bool = True
     share_tlsrpt: bool = True
+    share_destinations: bool = False
     lease: float = 120.0
     settle: float = 3600.0
 
@@ -120,6 +121,7 @@ class FleetSettings:
             ca_file=tls["ca_file"], cert=tls["cert"], key=tls["key"],
             share_mta_sts=ini.get_bool("mta_sts", "share", True),
             share_tlsrpt=ini.get_bool("tlsrpt", "share", True),
+            share_destinations=ini.get_bool("destinations", "share", False),
             lease=lease,
             settle=ini.get_duration("tlsrpt", "settle", 3600.0))
 

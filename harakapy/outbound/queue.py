@@ -23,6 +23,7 @@ import gc
 import heapq
 import itertools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -115,6 +116,8 @@ class OutboundQueue:
         # Destinations none of whose hosts answered: until when their other jobs wait
         # without an attempt (Postfix's "delivery temporarily suspended").
         self._suspended: dict[str, float] = {}
+        # Told of each suspension this queue makes (a fleet shares them): (domain, until).
+        self.on_suspend: Callable[[str, float], None] | None = None
         self._active_domains: dict[str, int] = {}
         self._active = 0
         self._running: set[tuple[str, str]] = set()
@@ -334,6 +337,12 @@ class OutboundQueue:
         self.spool.remove(message_id)
         return found
 
+    def suspend(self, domain: str, until: float) -> None:
+        """Hold ``domain``'s jobs without an attempt until ``until``, as if none of its
+        hosts had answered here (another node of a fleet found that they did not)."""
+        if until > self._suspended.get(domain, 0.0):
+            self._suspended[domain] = until
+
     def stats(self) -> dict[str, Any]:
         now = self.clock.time()
         return {"jobs": len(self._jobs), "active": self._active,
@@ -478,7 +487,10 @@ class OutboundQueue:
         if outcome.unreachable:
             # No host answered: other mail for the domain would only knock on the same
             # closed doors. It waits for this message's retry (Postfix does the same).
-            self._suspended[job.domain] = self.clock.time() + settings.min_backoff
+            until = self.clock.time() + settings.min_backoff
+            self._suspended[job.domain] = until
+            if self.on_suspend is not None:
+                self.on_suspend(job.domain, until)
         elif outcome.contacted:
             self._suspended.pop(job.domain, None)
         # attempt() numbers results by position in the list it was given.
