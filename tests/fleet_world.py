@@ -99,7 +99,11 @@ class Collector:
         self.started += 1
         if self.stall_first and self.started == 1:
             self.stalled = request
-            await self.release.wait()
+            try:  # a test that failed before releasing it must not hang the cleanup
+                await asyncio.wait_for(self.release.wait(), 30)
+            except TimeoutError:
+                self.aborted += 1
+                return web.Response(status=503)
             if self.stalled_sender_gone():
                 self.aborted += 1
                 return web.Response(status=499)
