@@ -26,7 +26,14 @@ from aiohttp import web
 from harakapy.tls.tlsrpt_report import report_json
 from harakapy.tls.tlsrpt_store import SessionStore
 from tests.dns_server import DnsServer
-from tests.harness import ManualClock, Running, eventually, running_server, sendmail
+from tests.harness import (
+    ManualClock,
+    Running,
+    advancing,
+    eventually,
+    running_server,
+    sendmail,
+)
 from tests.outbound_env import RECORDER, Certs, free_port_on_all
 from tests.policy_host import PolicyHost, server_context
 from tests.redis_server import RedisServer
@@ -226,17 +233,12 @@ class FleetWorld:
     async def handed_in(self, total: int) -> None:
         """Wait until the fleet's counts in Redis add up to ``total`` sessions, moving the
         clock a flush interval at a time (the nodes flush and hand in on it)."""
-        async def counted() -> int:
-            def read() -> int:
-                with self.redis.client() as client:
-                    return sum(int(v) for key in client.keys("t:tlsrpt:counts:*")
-                               for v in client.hvals(key))
-            return await asyncio.to_thread(read)
+        def counted() -> bool:
+            with self.redis.client() as client:
+                return total == sum(int(v) for key in client.keys("t:tlsrpt:counts:*")
+                                    for v in client.hvals(key))
 
-        async with asyncio.timeout(30):
-            while await counted() != total:
-                self.clock.advance(FLUSH)
-                await asyncio.sleep(0.02)
+        await advancing(self.clock, FLUSH, counted)
 
     def local_counts(self, roots: Iterable[Path], day: datetime.date, domain: str) -> dict:
         """The report one node would send for every session the fleet's nodes counted

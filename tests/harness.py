@@ -205,3 +205,15 @@ async def eventually(check, timeout: float = 10.0, interval: float = 0.02) -> No
     async with asyncio.timeout(timeout):
         while not check():
             await asyncio.sleep(interval)
+
+
+async def advancing(clock: ManualClock, seconds: float, check, timeout: float = 30.0) -> None:
+    """Move ``clock`` on by ``seconds`` at a time until ``check()`` is true: for what the
+    server's tasks do on their own clock (a flush every few seconds)."""
+    def moved() -> bool:
+        if check():
+            return True
+        clock.advance(seconds)
+        return False
+
+    await eventually(moved, timeout)

@@ -19,7 +19,7 @@ from harakapy.config import Config, ConfigError
 from harakapy.passwords import hash_password
 from harakapy.status.settings import StatusSettings
 from tests.dnssec_world import missing_binary
-from tests.harness import eventually, write_config_dir
+from tests.harness import advancing, eventually, write_config_dir
 from tests.processes import free_port, harakapy
 from tests.sts_world import BODY, MX2_IP, MX_IP, REAL_IP, Answer, policy
 
@@ -83,10 +83,7 @@ async def written(world) -> list:
         with sqlite3.connect(path) as db:
             return db.execute("SELECT COALESCE(SUM(count), 0) FROM outcomes").fetchone()[0]
 
-    async with asyncio.timeout(10):
-        while count() < len(recorded):
-            world.env.clock.advance(5)
-            await asyncio.sleep(0.02)
+    await advancing(world.env.clock, 5, lambda: count() >= len(recorded))
     return recorded
 
 
