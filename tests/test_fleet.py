@@ -63,12 +63,30 @@ def sent_policies(report: dict) -> list[dict]:
     return sorted(report["policies"], key=lambda p: json.dumps(p, sort_keys=True))
 
 
+async def three_nodes(stack: AsyncExitStack, tmp_path) -> FleetWorld:
+    """Redis, a.test and b.test, and the nodes n1, n2 and n3."""
+    world = await FleetWorld(stack, tmp_path, ("a.test", "b.test"), START).start()
+    for name in ("n1", "n2", "n3"):
+        await world.node(name)
+    return world
+
+
+async def the_days_reports(world: FleetWorld) -> tuple[datetime.date, dict[str, list]]:
+    """Today's reports: the fleet on to the next day until one per domain arrived, then
+    more rounds on every node (nothing may go twice); the day, and the reports by
+    domain."""
+    day = utc_day(world.clock.now)
+    await next_day(world)
+    await reports_arrive(world, len(world.domains))
+    for _ in range(3):
+        await world.step(ROUND)
+    return day, world.collector.by_domain()
+
+
 async def test_three_nodes_fetch_each_policy_once_and_send_one_report_of_every_session(
         tmp_path):
     async with AsyncExitStack() as stack:
-        world = await FleetWorld(stack, tmp_path, ("a.test", "b.test"), START).start()
-        for name in ("n1", "n2", "n3"):
-            await world.node(name)
+        world = await three_nodes(stack, tmp_path)
         # Every node sends to every domain at the same time: they all want the policies
         # at once.
         await asyncio.gather(*(world.send(node, f"bob@{domain}", 2)
@@ -78,12 +96,7 @@ async def test_three_nodes_fetch_each_policy_once_and_send_one_report_of_every_s
         results = sessions(world)
         assert all(r.success and r.policy_type == "sts" for r in results)
         await world.handed_in(len(results))
-        day = utc_day(world.clock.now)
-        await next_day(world)
-        await reports_arrive(world, 2)
-        for _ in range(3):  # more rounds, on every node: nothing goes twice
-            await world.step(ROUND)
-        reports = world.collector.by_domain()
+        day, reports = await the_days_reports(world)
         assert sorted(reports) == ["a.test", "b.test"]
         for domain, (report,) in reports.items():
             assert totals(report) == (sum(r.domain == domain for r in results), 0)
@@ -99,9 +112,7 @@ async def test_three_nodes_fetch_each_policy_once_and_send_one_report_of_every_s
 async def test_redis_killed_mid_run_delivery_goes_on_under_the_policy_and_nothing_is_lost(
         tmp_path):
     async with AsyncExitStack() as stack:
-        world = await FleetWorld(stack, tmp_path, ("a.test", "b.test"), START).start()
-        for name in ("n1", "n2", "n3"):
-            await world.node(name)
+        world = await three_nodes(stack, tmp_path)
         tally = SessionTally(world)
 
         async def traffic(delivered: int) -> None:
@@ -134,12 +145,7 @@ async def test_redis_killed_mid_run_delivery_goes_on_under_the_policy_and_nothin
         world.redis.start()  # empty: Redis kept nothing
         await traffic(18)
         await world.handed_in(tally.total)
-        day = utc_day(world.clock.now)
-        await next_day(world)
-        await reports_arrive(world, 2)
-        for _ in range(3):
-            await world.step(ROUND)
-        reports = world.collector.by_domain()
+        day, reports = await the_days_reports(world)
         for domain, (report,) in reports.items():
             assert totals(report) == (tally.by_domain[domain], 0)
             alone = world.local_counts((tmp_path / n for n in world.nodes), day, domain)
