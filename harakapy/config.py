@@ -16,6 +16,7 @@ This module knows file formats and Haraka's typing. It does not know what any ke
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -203,6 +204,23 @@ class IniFile:
             raise self.error(section, key, f"expected a duration such as 300, 5m, 1h or 5d, "
                                            f"got {value!r}")
         return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+    def get_address(self, section: str, key: str, default: str) -> tuple[str, int]:
+        """A listener's ``address:port`` (an IP address; ``[::1]:PORT`` for IPv6), as
+        ``(address, port)``; empty means ``default``."""
+        text = (self.get_str(section, key, default).strip() or default)
+        host, sep, port = text.rpartition(":")
+        host = host.strip("[]")
+        example = f"{default}, [::1]:{default.rpartition(':')[2]}"
+        try:
+            ipaddress.ip_address(host)
+            number = int(port)
+        except ValueError:
+            raise self.error(section, key, f"{text!r} is not address:port "
+                                           f"({example})") from None
+        if not sep or not 0 < number < 65536:
+            raise self.error(section, key, f"{text!r} is not address:port")
+        return host, number
 
     def get_list(self, section: str, key: str, default: list[str] | None = None) -> list[str]:
         """A comma-separated value as a list of stripped, non-empty items."""

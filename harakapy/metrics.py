@@ -12,7 +12,6 @@ series stays bounded.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harakapy.config import Config, IniFile
+from harakapy.config import Config
 
 log = logging.getLogger("harakapy.metrics")
 
@@ -41,23 +40,8 @@ class MetricsSettings:
         ini = config.ini("metrics.ini")
         ini.check_known(config.shipped_ini("metrics.ini"))
         enabled = ini.get_bool("main", "enabled", False)
-        host, port = _listen(ini)
+        host, port = ini.get_address("main", "listen", "127.0.0.1:9125")
         return cls(enabled, host, port)
-
-
-def _listen(ini: IniFile) -> tuple[str, int]:
-    text = ini.get_str("main", "listen", "127.0.0.1:9125").strip()
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-        number = int(port)
-    except ValueError:
-        raise ini.error("main", "listen", f"{text!r} is not address:port "
-                                          "(127.0.0.1:9125, [::1]:9125)") from None
-    if not sep or not 0 < number < 65536:
-        raise ini.error("main", "listen", f"{text!r} is not address:port")
-    return host, number
 
 
 def metrics_settings(config: Config) -> MetricsSettings:

@@ -17,7 +17,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from harakapy.config import Config, IniFile
+from harakapy.config import Config
 
 DEFAULT_LISTEN = "127.0.0.1:9126"
 
@@ -54,7 +54,7 @@ class StatusSettings:
         ini = config.ini("status.ini")
         ini.check_known(config.shipped_ini("status.ini"))
         enabled = ini.get_bool("main", "enabled", False)
-        host, port = _listen(ini)
+        host, port = ini.get_address("main", "listen", DEFAULT_LISTEN)
         token = ""
         token_file = ini.get_str("auth", "token_file")
         if token_file:
@@ -97,21 +97,6 @@ class StatusSettings:
                                               "needs [auth] token_file or user and "
                                               "password_hash")
         return settings
-
-
-def _listen(ini: IniFile) -> tuple[str, int]:
-    text = ini.get_str("main", "listen", DEFAULT_LISTEN).strip() or DEFAULT_LISTEN
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-        number = int(port)
-    except ValueError:
-        raise ini.error("main", "listen", f"{text!r} is not address:port "
-                                          "(127.0.0.1:9126, [::1]:9126)") from None
-    if not sep or not 0 < number < 65536:
-        raise ini.error("main", "listen", f"{text!r} is not address:port")
-    return host, number
 
 
 def status_settings(config: Config) -> StatusSettings:
