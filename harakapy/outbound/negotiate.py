@@ -246,7 +246,7 @@ class Negotiator:
                     "starttls-not-supported"), session)
             elif plan.policy.discovery_failure is not None:
                 await self._report(plan, None, session)  # the discovery failure, below
-            elif self.report is not None and not plan.quiet:
+            elif self.report is not None and not plan.quiet and outcomes.recording():
                 # RFC 8460 reports nothing for plaintext that no policy forbids; the
                 # status page shows it: this destination is not protected.
                 outcomes.record(self._result(plan, None, session))

@@ -204,6 +204,12 @@ def disable() -> None:
         _recorder = None
 
 
+def recording() -> bool:
+    """Whether :func:`record` keeps anything (so that a caller need not build a result
+    for nothing)."""
+    return _recorder is not None
+
+
 def record(result: TlsResult) -> None:
     if _recorder is not None:
         _recorder.record(result)
