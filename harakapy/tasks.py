@@ -147,10 +147,17 @@ class TaskRunner:
 
     async def stop(self, *, keep_lock: bool = False) -> None:
         """Cancel every task and wait for them; release the lock unless ``keep_lock``."""
-        pending = [*self._tasks, *([self._standby] if self._standby else [])]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        pending = {*self._tasks, *([self._standby] if self._standby else [])}
+        while pending:
+            for task in pending:
+                task.cancel()
+            # A task whose cancellation a library swallowed (a timeout it converted into
+            # its own error, say) goes on to its next wait: it is cancelled again there,
+            # rather than holding the stop for ever.
+            _done, pending = await asyncio.wait(pending, timeout=1.0)
+            for task in pending:
+                log.warning("background task %s went on after it was cancelled; "
+                            "cancelling it again", task.get_name())
         self._tasks.clear()
         self._standby = None
         if not keep_lock:

@@ -128,3 +128,34 @@ async def test_tls_plugin_config_errors_name_the_key(config_dir, tmp_path):
     root = config_dir({"plugins": "tls\n", "tls.ini": "[main]\nciphers = NOTHING-AT-ALL\n"})
     with pytest.raises(ConfigError, match=r"\[main\] ciphers: OpenSSL selects no cipher"):
         await MailServer(Config.load(root)).start()
+
+
+STUBBORN = '''
+import asyncio
+
+from harakapy import background
+
+@background
+async def stubborn(server):
+    server.notes["started"] = True
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        pass  # as a library that turns a cancellation into its own error does
+    server.notes["went_on"] = True
+    await asyncio.Event().wait()
+'''
+
+
+async def test_a_background_task_that_swallows_its_cancellation_does_not_hold_the_stop(
+        config_dir, caplog):
+    import asyncio
+
+    from tests.harness import eventually
+
+    root = config_dir({"plugins": "stubborn\n"}, {"stubborn": STUBBORN})
+    async with asyncio.timeout(20):
+        async with running_server(root) as running:
+            await eventually(lambda: running.server.notes.get("started"))
+    assert running.server.notes.get("went_on") is True
+    assert any("went on after it was cancelled" in r.getMessage() for r in caplog.records)
